@@ -1,0 +1,221 @@
+//! Wire types shared by the kernel programs (`agent-ebpf`) and the userspace agent.
+//!
+//! Every type is `#[repr(C)]` with explicit, zeroed padding so that map keys compare
+//! byte-for-byte and events decode the same on both sides. Sizes are asserted at compile time.
+//! Event kinds are numbered and never reused.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Map names, shared so the loader and the kernel object agree (kernel truncates at 15 bytes).
+pub mod maps {
+    pub const EVENTS: &str = "EVENTS";
+    pub const CONNS: &str = "CONNS";
+    pub const ARGS: &str = "ARGS";
+    pub const PIDS: &str = "PIDS";
+    pub const SELF_PORTS: &str = "SELF_PORTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const SCRATCH: &str = "SCRATCH";
+}
+
+/// Largest number of payload bytes copied from one syscall. A power of two: the kernel masks
+/// lengths with `MAX_CAPTURE - 1` so the verifier can bound every copy.
+pub const MAX_CAPTURE: usize = 16384;
+
+/// Event kinds (first byte of every event). Never reuse a number.
+pub const EV_OPEN: u8 = 1;
+pub const EV_DATA: u8 = 2;
+pub const EV_CLOSE: u8 = 3;
+pub const EV_PROC_EXIT: u8 = 4;
+
+/// Connection roles as the kernel first saw them.
+pub const ROLE_UNKNOWN: u8 = 0;
+/// The process accepted this connection (it is the server side).
+pub const ROLE_SERVER: u8 = 1;
+/// The process connected this socket (it is the client side).
+pub const ROLE_CLIENT: u8 = 2;
+
+/// Data direction relative to the traced process.
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// Which syscall produced a data event (diagnostics only).
+pub const SYS_READ: u8 = 1;
+pub const SYS_WRITE: u8 = 2;
+pub const SYS_READV: u8 = 3;
+pub const SYS_WRITEV: u8 = 4;
+pub const SYS_RECVFROM: u8 = 5;
+pub const SYS_SENDTO: u8 = 6;
+pub const SYS_RECVMSG: u8 = 7;
+pub const SYS_SENDMSG: u8 = 8;
+pub const SYS_SENDFILE: u8 = 9;
+
+/// A connection's identity. `gen` is the kernel monotonic time at which sonde first saw the
+/// (tgid, fd) pair, so a reused fd or a reused pid yields a new identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnId {
+    pub tgid: u32,
+    pub fd: u32,
+    pub generation: u64,
+}
+const _: () = assert!(size_of::<ConnId>() == 16);
+
+/// Common header, first in every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// Thread id (kernel pid) that made the syscall.
+    pub tid: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event was recorded.
+    pub ts_ns: u64,
+    pub conn: ConnId,
+}
+const _: () = assert!(size_of::<EventHeader>() == 32);
+
+/// A connection became known: accepted, connected, or first seen carrying data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenEvent {
+    pub hdr: EventHeader,
+    pub role: u8,
+    /// 4 or 6 (address family of the socket).
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// IPv4 addresses use the first 4 bytes; network byte order.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+const _: () = assert!(size_of::<OpenEvent>() == 72);
+
+/// Bytes moved by one syscall on a tracked connection. `len` is the full count the syscall
+/// returned; only the first `cap_len` bytes follow the header (see `MAX_CAPTURE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DataEventHeader {
+    pub hdr: EventHeader,
+    pub dir: u8,
+    pub syscall: u8,
+    pub _pad: [u8; 2],
+    pub cap_len: u32,
+    /// Stream offset (per direction) of the first byte of this syscall.
+    pub pos: u64,
+    pub len: u64,
+}
+const _: () = assert!(size_of::<DataEventHeader>() == 56);
+
+/// Kernel-side state of one tracked connection (CONNS value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnState {
+    pub generation: u64,
+    /// Bytes read / written so far.
+    pub pos: [u64; 2],
+    pub role: u8,
+    /// `CONN_F_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<ConnState>() == 32);
+
+/// This connection is not to be reported (e.g. its peer is sonde's own exporter socket).
+pub const CONN_F_IGNORE: u8 = 1;
+
+/// Arguments saved at syscall entry for use at exit (ARGS value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyscallArgs {
+    pub fd: u64,
+    /// User pointer: buffer, iovec array, msghdr or sockaddr, per `kind`.
+    pub ptr: u64,
+    /// Buffer length or iovec count.
+    pub count: u64,
+    pub kind: u8,
+    pub syscall: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<SyscallArgs>() == 32);
+
+pub const ARG_BUF: u8 = 1;
+pub const ARG_IOVEC: u8 = 2;
+pub const ARG_MSGHDR: u8 = 3;
+pub const ARG_SOCKADDR: u8 = 4;
+pub const ARG_NONE: u8 = 5;
+
+/// Kernel struct offsets read from BTF by userspace and handed to the programs as a global
+/// (aya has no CO-RE relocations). All offsets in bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub socket_file: u32,
+    pub sk_family: u32,
+    pub sk_type: u32,
+    pub sk_protocol: u32,
+    pub sk_daddr: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_dport: u32,
+    pub sk_num: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 64);
+
+/// Runtime configuration handed to the kernel programs as a read-only global.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelConfig {
+    /// sonde's own tgid: never traced.
+    pub self_tgid: u32,
+    /// 1: trace only tgids present in PIDS; 0: trace every process.
+    pub filter_pids: u32,
+    /// Bytes copied per syscall, at most `MAX_CAPTURE`.
+    pub capture_bytes: u32,
+    /// Wake the reader early once this many bytes are waiting in the ring buffer.
+    pub wakeup_bytes: u32,
+    pub offsets: KernelOffsets,
+}
+const _: () = assert!(size_of::<KernelConfig>() == 80);
+
+/// Kernel-side counters (per-CPU array indices). Never reuse a number.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Ring buffer was full: an event was lost.
+    RingbufFull = 0,
+    /// Data syscalls reported (events written).
+    DataEvents = 1,
+    /// Bytes beyond the capture limit that were not copied (still counted in positions).
+    TruncatedBytes = 2,
+    /// Reading user memory failed.
+    ReadUserFailed = 3,
+    /// Reading kernel memory (socket lookup) failed.
+    ReadKernelFailed = 4,
+    /// Connection table was full when inserting.
+    ConnTableFull = 5,
+    /// Args table was full at syscall entry.
+    ArgsTableFull = 6,
+    /// Connections opened (all roles).
+    ConnsOpened = 7,
+    /// Connections skipped because their peer is sonde's exporter.
+    SelfConnsSkipped = 8,
+}
+pub const COUNTER_COUNT: u32 = 9;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain-old-data, `#[repr(C)]`, every field an integer or integer array, all
+    // padding explicit.
+    unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for KernelConfig {}
+}

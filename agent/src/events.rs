@@ -1,0 +1,312 @@
+//! Decoding of the raw records the kernel programs write to the ring buffer.
+//!
+//! Pure and allocation-free: a record is borrowed, checked for size and kind, and turned into
+//! an [`Event`]. Anything malformed is an error for the caller to count, never a panic.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use agent_common::{
+    ConnId, DIR_EGRESS, DIR_INGRESS, DataEventHeader, EV_CLOSE, EV_DATA, EV_OPEN, EV_PROC_EXIT,
+    EventHeader, OpenEvent, ROLE_CLIENT, ROLE_SERVER,
+};
+
+/// Direction of bytes relative to the traced process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Read by the process (recv/read).
+    Ingress,
+    /// Written by the process (send/write).
+    Egress,
+}
+
+/// Which side of the connection the traced process is, as far as the kernel knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Accepted the connection.
+    Server,
+    /// Connected the socket.
+    Client,
+    /// Connection existed before sonde saw it; decided from the traffic.
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenInfo {
+    pub conn: ConnId,
+    pub ts_ns: u64,
+    pub tid: u32,
+    pub role: Role,
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataInfo<'a> {
+    pub conn: ConnId,
+    pub ts_ns: u64,
+    pub tid: u32,
+    pub dir: Direction,
+    /// Stream offset of the first byte (per direction).
+    pub pos: u64,
+    /// Bytes the syscall moved; `data` holds only the first `data.len()` of them.
+    pub len: u64,
+    pub data: &'a [u8],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    Open(OpenInfo),
+    Data(DataInfo<'a>),
+    Close { conn: ConnId, ts_ns: u64 },
+    ProcessExit { tgid: u32, ts_ns: u64 },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u8),
+    #[error("data event claims {claimed} captured bytes but carries {present}")]
+    BadCaptureLength { claimed: u32, present: usize },
+    #[error("unknown direction {0}")]
+    BadDirection(u8),
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() < size_of::<T>() {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    // SAFETY: length checked above; `T` is a `#[repr(C)]` integer-only wire type, valid for any
+    // bit pattern; `read_unaligned` makes no alignment assumption.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    let hdr: EventHeader = read(bytes)?;
+    match hdr.kind {
+        EV_OPEN => {
+            let ev: OpenEvent = read(bytes)?;
+            let role = match ev.role {
+                ROLE_SERVER => Role::Server,
+                ROLE_CLIENT => Role::Client,
+                _ => Role::Unknown,
+            };
+            Ok(Event::Open(OpenInfo {
+                conn: hdr.conn,
+                ts_ns: hdr.ts_ns,
+                tid: hdr.tid,
+                role,
+                local: sockaddr(ev.family, &ev.local_addr, ev.local_port),
+                remote: sockaddr(ev.family, &ev.remote_addr, ev.remote_port),
+            }))
+        }
+        EV_DATA => {
+            let ev: DataEventHeader = read(bytes)?;
+            let payload = &bytes[size_of::<DataEventHeader>()..];
+            let cap = ev.cap_len as usize;
+            if cap > payload.len() {
+                return Err(DecodeError::BadCaptureLength {
+                    claimed: ev.cap_len,
+                    present: payload.len(),
+                });
+            }
+            let dir = match ev.dir {
+                DIR_INGRESS => Direction::Ingress,
+                DIR_EGRESS => Direction::Egress,
+                d => return Err(DecodeError::BadDirection(d)),
+            };
+            Ok(Event::Data(DataInfo {
+                conn: hdr.conn,
+                ts_ns: hdr.ts_ns,
+                tid: hdr.tid,
+                dir,
+                pos: ev.pos,
+                len: ev.len.max(ev.cap_len as u64),
+                data: &payload[..cap],
+            }))
+        }
+        EV_CLOSE => Ok(Event::Close {
+            conn: hdr.conn,
+            ts_ns: hdr.ts_ns,
+        }),
+        EV_PROC_EXIT => Ok(Event::ProcessExit {
+            tgid: hdr.conn.tgid,
+            ts_ns: hdr.ts_ns,
+        }),
+        k => Err(DecodeError::UnknownKind(k)),
+    }
+}
+
+fn sockaddr(family: u8, addr: &[u8; 16], port: u16) -> Option<SocketAddr> {
+    let ip = match family {
+        4 => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+        6 => {
+            let v6 = Ipv6Addr::from(*addr);
+            // Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d; show them as IPv4.
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Encoders used by tests, benchmarks and fuzzers to produce records exactly as the kernel
+/// lays them out.
+pub mod encode {
+    use super::*;
+
+    fn bytes_of<T: Copy>(v: &T) -> &[u8] {
+        // SAFETY: wire types are `#[repr(C)]` with explicit zeroed padding: every byte is
+        // initialised.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+    }
+
+    pub fn header(kind: u8, conn: ConnId, ts_ns: u64, tid: u32) -> EventHeader {
+        EventHeader {
+            kind,
+            _pad: [0; 3],
+            tid,
+            ts_ns,
+            conn,
+        }
+    }
+
+    pub fn open(
+        conn: ConnId,
+        ts_ns: u64,
+        role: u8,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Vec<u8> {
+        fn parts(a: SocketAddr) -> (u8, [u8; 16]) {
+            match a.ip() {
+                IpAddr::V4(v4) => {
+                    let mut b = [0; 16];
+                    b[..4].copy_from_slice(&v4.octets());
+                    (4, b)
+                }
+                IpAddr::V6(v6) => (6, v6.octets()),
+            }
+        }
+        let (family, local_addr) = parts(local);
+        let (_, remote_addr) = parts(remote);
+        let ev = OpenEvent {
+            hdr: header(EV_OPEN, conn, ts_ns, conn.tgid),
+            role,
+            family,
+            _pad: [0; 2],
+            local_port: local.port(),
+            remote_port: remote.port(),
+            local_addr,
+            remote_addr,
+        };
+        bytes_of(&ev).to_vec()
+    }
+
+    /// A data record; `data` is the captured prefix, `len` the full syscall length.
+    pub fn data(
+        conn: ConnId,
+        ts_ns: u64,
+        tid: u32,
+        dir: Direction,
+        pos: u64,
+        len: u64,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let ev = DataEventHeader {
+            hdr: header(EV_DATA, conn, ts_ns, tid),
+            dir: match dir {
+                Direction::Ingress => DIR_INGRESS,
+                Direction::Egress => DIR_EGRESS,
+            },
+            syscall: 0,
+            _pad: [0; 2],
+            cap_len: data.len() as u32,
+            pos,
+            len,
+        };
+        let mut out = bytes_of(&ev).to_vec();
+        out.extend_from_slice(data);
+        out
+    }
+
+    pub fn close(conn: ConnId, ts_ns: u64) -> Vec<u8> {
+        bytes_of(&header(EV_CLOSE, conn, ts_ns, conn.tgid)).to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C: ConnId = ConnId {
+        tgid: 7,
+        fd: 3,
+        generation: 99,
+    };
+
+    #[test]
+    fn round_trips_every_kind() {
+        let l: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let r: SocketAddr = "[::1]:5555".parse().unwrap();
+        let rec = encode::open(C, 5, ROLE_SERVER, l, "10.0.0.2:9".parse().unwrap());
+        match decode(&rec).unwrap() {
+            Event::Open(o) => {
+                assert_eq!(o.role, Role::Server);
+                assert_eq!(o.local, Some(l));
+                assert_eq!(o.remote, Some("10.0.0.2:9".parse().unwrap()));
+            }
+            e => panic!("{e:?}"),
+        }
+        let rec = encode::open(C, 5, ROLE_CLIENT, r, r);
+        assert!(matches!(decode(&rec).unwrap(), Event::Open(o) if o.remote == Some(r)));
+        let rec = encode::data(C, 6, 8, Direction::Egress, 10, 100, b"GET");
+        match decode(&rec).unwrap() {
+            Event::Data(d) => {
+                assert_eq!(
+                    (d.pos, d.len, d.data, d.dir),
+                    (10, 100, &b"GET"[..], Direction::Egress)
+                );
+            }
+            e => panic!("{e:?}"),
+        }
+        assert!(matches!(
+            decode(&encode::close(C, 1)).unwrap(),
+            Event::Close { .. }
+        ));
+    }
+
+    #[test]
+    fn rejects_malformed_records() {
+        assert_eq!(decode(&[]), Err(DecodeError::Short(0)));
+        let mut rec = encode::data(C, 6, 8, Direction::Egress, 10, 100, b"GET");
+        rec.truncate(rec.len() - 1);
+        assert!(matches!(
+            decode(&rec),
+            Err(DecodeError::BadCaptureLength { .. })
+        ));
+        let mut rec = encode::close(C, 1);
+        rec[0] = 200;
+        assert_eq!(decode(&rec), Err(DecodeError::UnknownKind(200)));
+        // Every truncation of every record kind is an error or a valid event, never a panic.
+        for full in [
+            encode::open(
+                C,
+                1,
+                1,
+                "1.2.3.4:5".parse().unwrap(),
+                "[::1]:1".parse().unwrap(),
+            ),
+            encode::data(C, 1, 1, Direction::Ingress, 0, 3, b"abc"),
+            encode::close(C, 1),
+        ] {
+            for n in 0..full.len() {
+                let _ = decode(&full[..n]);
+            }
+        }
+    }
+}
