@@ -69,7 +69,10 @@ pub struct EventHeader {
     pub _pad: [u8; 3],
     /// Thread id (kernel pid) that made the syscall.
     pub tid: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event was recorded.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC). Data the process wrote (egress) is stamped at
+    /// syscall entry, data it read (ingress) at syscall exit: so a byte is always stamped
+    /// before the peer can have read it, which keeps cross-process causality in timestamp
+    /// order and spans nested.
     pub ts_ns: u64,
     pub conn: ConnId,
 }
@@ -118,12 +121,17 @@ pub struct ConnState {
     pub role: u8,
     /// `CONN_F_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    /// Peer port (host order), for the exporter-connection check.
+    pub remote_port: u16,
+    pub _pad: [u8; 4],
 }
 const _: () = assert!(size_of::<ConnState>() == 32);
 
 /// This connection is not to be reported (e.g. its peer is sonde's own exporter socket).
 pub const CONN_F_IGNORE: u8 = 1;
+/// The peer was checked against sonde's own exporter ports after the connection carried data
+/// (closes the race where the accept completes before sonde's connect() returns).
+pub const CONN_F_CHECKED: u8 = 2;
 
 /// Arguments saved at syscall entry for use at exit (ARGS value).
 #[repr(C)]
@@ -137,8 +145,10 @@ pub struct SyscallArgs {
     pub kind: u8,
     pub syscall: u8,
     pub _pad: [u8; 6],
+    /// `bpf_ktime_get_ns()` at syscall entry.
+    pub enter_ns: u64,
 }
-const _: () = assert!(size_of::<SyscallArgs>() == 32);
+const _: () = assert!(size_of::<SyscallArgs>() == 40);
 
 pub const ARG_BUF: u8 = 1;
 pub const ARG_IOVEC: u8 = 2;
@@ -219,3 +229,8 @@ mod user {
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for KernelConfig {}
 }
+
+/// PIDS values: in filter mode only PID_TRACE processes are traced; otherwise every process
+/// but PID_EXCLUDE ones.
+pub const PID_TRACE: u8 = 1;
+pub const PID_EXCLUDE: u8 = 2;

@@ -1,1 +1,132 @@
-//! Pending.
+//! Command line. Flags map onto one typed [`RunConfig`]; standard `OTEL_*` variables are read
+//! by `export::ExportConfig`.
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::export::OutputKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sonde",
+    version,
+    about = "Zero-code distributed tracing for unmodified services, via eBPF",
+    long_about = "sonde watches the socket syscalls of unmodified processes, turns every HTTP/1.x \
+request they serve or make into an OpenTelemetry span, and exports the spans over OTLP \
+(OTEL_EXPORTER_OTLP_ENDPOINT) or prints them as trace trees."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace processes and export spans (the default command).
+    Run(RunConfig),
+    /// Report whether this kernel and these privileges can run sonde, and how to fix what's missing.
+    Check {
+        /// Only inspect; do not load and attach the programs.
+        #[arg(long)]
+        no_load: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Trace trees on stdout.
+    Console,
+    /// One JSON object per span on stdout.
+    Json,
+    /// OTLP to OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT.
+    Otlp,
+}
+
+impl From<Output> for OutputKind {
+    fn from(o: Output) -> Self {
+        match o {
+            Output::Console => OutputKind::Console,
+            Output::Json => OutputKind::Json,
+            Output::Otlp => OutputKind::Otlp,
+        }
+    }
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunConfig {
+    /// Trace this process (repeatable). Without --pid/--exe/--port every process is traced.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Trace processes whose executable path or file name matches this glob (repeatable).
+    #[arg(long = "exe", value_name = "GLOB")]
+    pub exe: Vec<String>,
+    /// Trace processes listening on this TCP port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// Where spans go. Default: OTLP when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set, else console.
+    #[arg(long, value_enum, env = "SONDE_OUTPUT")]
+    pub output: Option<Output>,
+    /// Payload bytes copied per syscall (headers beyond this, in one syscall, are not seen).
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(256..=16384), env = "SONDE_CAPTURE_BYTES")]
+    pub capture_bytes: u32,
+    /// Kernel ring buffer size in MiB (power of two).
+    #[arg(long, default_value_t = 16, value_parser = parse_pow2_mib, env = "SONDE_RING_MIB")]
+    pub ring_mib: u32,
+    /// Connections tracked at once (kernel and userspace); the least recently active is evicted.
+    #[arg(long, default_value_t = 65536, env = "SONDE_MAX_CONNS")]
+    pub max_conns: u32,
+    /// How often the ring buffer is drained when it is not filling up, in milliseconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub drain_ms: u64,
+    /// Seconds between statistics log lines (0: never).
+    #[arg(long, default_value_t = 60, env = "SONDE_STATS_INTERVAL")]
+    pub stats_interval: u64,
+    /// Query parameter whose value is replaced by REDACTED (repeatable; the conventions'
+    /// AWSAccessKeyId, Signature, sig and X-Goog-Signature always are).
+    #[arg(long = "redact-param", value_name = "NAME")]
+    pub redact_params: Vec<String>,
+    /// Seconds without traffic after which a connection is forgotten.
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout: u64,
+}
+
+fn parse_pow2_mib(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v == 0 || !v.is_power_of_two() || v > 1024 {
+        return Err("must be a power of two between 1 and 1024".into());
+    }
+    Ok(v)
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        // Same defaults as the flags.
+        let cli = Cli::parse_from(["sonde", "run"]);
+        match cli.command {
+            Some(Command::Run(c)) => c,
+            _ => unreachable!("`run` parses to Run"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_selectors_and_defaults() {
+        let cli = Cli::parse_from([
+            "sonde", "run", "--pid", "1", "--pid", "2", "--exe", "ngin*", "--port", "80",
+            "--output", "json",
+        ]);
+        let Some(Command::Run(c)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(c.pids, vec![1, 2]);
+        assert_eq!(c.exe, vec!["ngin*"]);
+        assert_eq!(c.ports, vec![80]);
+        assert_eq!(c.output, Some(Output::Json));
+        assert_eq!(c.capture_bytes, 16384);
+        assert!(Cli::try_parse_from(["sonde", "run", "--ring-mib", "3"]).is_err());
+        assert!(Cli::try_parse_from(["sonde", "run", "--capture-bytes", "99999"]).is_err());
+        assert_eq!(RunConfig::default().max_conns, 65536);
+    }
+}

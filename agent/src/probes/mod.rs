@@ -1,1 +1,6 @@
-//! Pending.
+//! Loading and attaching the kernel programs, and checking that the kernel can run them.
+pub mod btf;
+pub mod check;
+pub mod loader;
+
+pub use loader::{LoadOptions, ProbeError, Probes};

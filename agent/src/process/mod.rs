@@ -1,1 +1,348 @@
-//! Pending.
+//! Traced processes: their OpenTelemetry Resource (read from /proc) and which ones to trace.
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use crate::span::{AttrValue, Resource};
+
+pub mod select;
+
+pub use select::{Selector, SelectorError};
+
+/// Caches one Resource per live process. Entries are dropped when the process exits.
+pub struct Registry {
+    proc_root: PathBuf,
+    host_name: String,
+    cache: HashMap<u32, Arc<Resource>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::with_proc_root("/proc")
+    }
+
+    pub fn with_proc_root(root: impl Into<PathBuf>) -> Self {
+        Registry {
+            proc_root: root.into(),
+            host_name: host_name(),
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The Resource of `pid`, read from /proc on first use. A process that is already gone
+    /// gets a minimal Resource (`unknown_service`, pid) rather than being dropped.
+    pub fn resource(&mut self, pid: u32) -> Arc<Resource> {
+        if let Some(r) = self.cache.get(&pid) {
+            return r.clone();
+        }
+        let r = Arc::new(read_resource(&self.proc_root, pid, &self.host_name));
+        self.cache.insert(pid, r.clone());
+        r
+    }
+
+    /// The process exited: its next incarnation (pid reuse) must be read afresh.
+    pub fn forget(&mut self, pid: u32) {
+        self.cache.remove(&pid);
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn host_name() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Environment of `pid` as (key, value) pairs; empty when unreadable.
+pub fn environ(proc_root: &Path, pid: u32) -> Vec<(String, String)> {
+    fs::read(proc_root.join(pid.to_string()).join("environ"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter_map(|kv| {
+                    let s = String::from_utf8_lossy(kv);
+                    let (k, v) = s.split_once('=')?;
+                    Some((k.to_string(), v.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Parses OTEL_RESOURCE_ATTRIBUTES (`k=v,k2=v2`, percent-encoded values).
+pub fn parse_resource_attributes(s: &str) -> Vec<(String, String)> {
+    s.split(',')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            let k = k.trim();
+            if k.is_empty() {
+                return None;
+            }
+            Some((k.to_string(), percent_decode(v.trim())))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Seconds-since-boot ticks at which the process started (field 22 of /proc/PID/stat).
+pub fn start_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn runtime_language(exe_name: &str) -> &'static str {
+    let n = exe_name.to_ascii_lowercase();
+    if n.starts_with("python") || n == "uwsgi" || n == "gunicorn" {
+        "python"
+    } else if n == "node" || n == "nodejs" || n == "bun" || n == "deno" {
+        "nodejs"
+    } else if n == "java" {
+        "java"
+    } else if n == "ruby" || n == "puma" {
+        "ruby"
+    } else if n.starts_with("php") {
+        "php"
+    } else if n == "dotnet" {
+        "dotnet"
+    } else {
+        "native"
+    }
+}
+
+fn read_resource(proc_root: &Path, pid: u32, host: &str) -> Resource {
+    let dir = proc_root.join(pid.to_string());
+    let exe_path = fs::read_link(dir.join("exe")).ok().map(|p| {
+        p.to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string()
+    });
+    let args: Vec<String> = fs::read(dir.join("cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let comm = fs::read_to_string(dir.join("comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let exe_name = exe_path
+        .as_deref()
+        .and_then(|p| p.rsplit('/').next())
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| comm.clone());
+
+    let env = environ(proc_root, pid);
+    let get = |k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.clone());
+    let res_attrs = get("OTEL_RESOURCE_ATTRIBUTES")
+        .map(|s| parse_resource_attributes(&s))
+        .unwrap_or_default();
+    let service_name = get("OTEL_SERVICE_NAME")
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            res_attrs
+                .iter()
+                .find(|(k, _)| k == "service.name")
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap_or_else(|| {
+            if exe_name.is_empty() {
+                "unknown_service".to_string()
+            } else {
+                exe_name.clone()
+            }
+        });
+
+    let start = start_ticks(proc_root, pid).unwrap_or(0);
+    let mut attrs: Vec<(String, AttrValue)> = Vec::with_capacity(16);
+    // User-provided attributes first; sonde's own keys below override none of them except
+    // the ones that describe the process itself.
+    for (k, v) in &res_attrs {
+        if k != "service.name" {
+            attrs.push((k.clone(), AttrValue::Str(v.clone())));
+        }
+    }
+    let mut set = |k: &str, v: AttrValue| {
+        attrs.retain(|(ek, _)| ek != k);
+        attrs.push((k.to_string(), v));
+    };
+    set("service.name", AttrValue::Str(service_name.clone()));
+    set(
+        "service.instance.id",
+        AttrValue::Str(format!("{host}:{pid}:{start}")),
+    );
+    set("process.pid", AttrValue::Int(pid as i64));
+    if !exe_name.is_empty() {
+        set("process.executable.name", AttrValue::Str(exe_name.clone()));
+    }
+    if let Some(p) = &exe_path {
+        set("process.executable.path", AttrValue::Str(p.clone()));
+    }
+    if !args.is_empty() {
+        set("process.command_args", AttrValue::StrList(args));
+    }
+    set("host.name", AttrValue::Str(host.to_string()));
+    set("telemetry.sdk.name", AttrValue::Str("sonde".into()));
+    set(
+        "telemetry.sdk.language",
+        AttrValue::Str(runtime_language(&exe_name).into()),
+    );
+    set(
+        "telemetry.sdk.version",
+        AttrValue::Str(env!("CARGO_PKG_VERSION").into()),
+    );
+    set("telemetry.distro.name", AttrValue::Str("sonde".into()));
+    set(
+        "telemetry.distro.version",
+        AttrValue::Str(env!("CARGO_PKG_VERSION").into()),
+    );
+    Resource {
+        pid,
+        service_name,
+        attributes: attrs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_proc(pid: u32, env: &[u8], cmdline: &[u8]) -> tempdir::Dir {
+        let d = tempdir::Dir::new();
+        let p = d.0.join(pid.to_string());
+        fs::create_dir_all(&p).unwrap();
+        fs::write(p.join("environ"), env).unwrap();
+        fs::write(p.join("cmdline"), cmdline).unwrap();
+        fs::write(p.join("comm"), "myapp\n").unwrap();
+        fs::write(
+            p.join("stat"),
+            format!("{pid} (my app) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 4242 0 0"),
+        )
+        .unwrap();
+        d
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                let p = std::env::temp_dir().join(format!(
+                    "sonde-proc-{}-{}",
+                    std::process::id(),
+                    rand::random::<u64>()
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn attr<'a>(r: &'a Resource, k: &str) -> Option<&'a AttrValue> {
+        r.attributes.iter().find(|(ek, _)| ek == k).map(|(_, v)| v)
+    }
+
+    #[test]
+    fn service_name_precedence() {
+        let d = fake_proc(
+            10,
+            b"PATH=/bin\0OTEL_SERVICE_NAME=orders\0OTEL_RESOURCE_ATTRIBUTES=service.name=x,deployment.environment=prod%20eu\0",
+            b"python3\0app.py\0",
+        );
+        let mut reg = Registry::with_proc_root(&d.0);
+        let r = reg.resource(10);
+        assert_eq!(r.service_name, "orders");
+        assert_eq!(
+            attr(&r, "deployment.environment"),
+            Some(&AttrValue::Str("prod eu".into()))
+        );
+        assert_eq!(attr(&r, "process.pid"), Some(&AttrValue::Int(10)));
+        assert_eq!(
+            attr(&r, "process.command_args"),
+            Some(&AttrValue::StrList(vec!["python3".into(), "app.py".into()]))
+        );
+        assert!(attr(&r, "service.instance.id").is_some());
+        assert_eq!(
+            attr(&r, "telemetry.distro.name"),
+            Some(&AttrValue::Str("sonde".into()))
+        );
+
+        let d = fake_proc(
+            11,
+            b"OTEL_RESOURCE_ATTRIBUTES=service.name=payments\0",
+            b"x\0",
+        );
+        assert_eq!(
+            Registry::with_proc_root(&d.0).resource(11).service_name,
+            "payments"
+        );
+
+        let d = fake_proc(12, b"", b"x\0");
+        // No exe link in the fake tree: falls back to comm.
+        assert_eq!(
+            Registry::with_proc_root(&d.0).resource(12).service_name,
+            "myapp"
+        );
+        assert_eq!(start_ticks(&d.0, 12), Some(4242));
+    }
+
+    #[test]
+    fn dead_process_gets_minimal_resource() {
+        let d = tempdir::Dir::new();
+        let r = Registry::with_proc_root(&d.0).resource(999_999);
+        assert_eq!(r.service_name, "unknown_service");
+        assert_eq!(r.pid, 999_999);
+    }
+
+    #[test]
+    fn reads_own_process() {
+        let mut reg = Registry::new();
+        let r = reg.resource(std::process::id());
+        assert!(attr(&r, "process.executable.path").is_some());
+        reg.forget(std::process::id());
+        assert!(reg.is_empty());
+    }
+}

@@ -3,6 +3,7 @@
 //! Nothing here knows about OTLP or any wire format: `export` converts.
 use std::sync::Arc;
 
+pub mod assemble;
 pub mod http;
 pub mod trace_context;
 

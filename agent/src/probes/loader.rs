@@ -1,0 +1,276 @@
+//! Loads the embedded kernel object, patches its configuration, attaches every program and
+//! hands out the maps userspace needs.
+use std::{ffi::CString, path::Path};
+
+use agent_common::{COUNTER_COUNT, KernelConfig, MAX_CAPTURE, PID_EXCLUDE, PID_TRACE, maps};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+
+use super::btf::{self, BtfError};
+
+/// The kernel object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde"));
+
+/// Program name → (tracepoint category, tracepoint name, required).
+const ATTACH: &[(&str, &str, &str, bool)] = &[
+    ("sys_exit_accept", "syscalls", "sys_exit_accept", false),
+    ("sys_exit_accept4", "syscalls", "sys_exit_accept4", true),
+    ("sys_enter_connect", "syscalls", "sys_enter_connect", true),
+    ("sys_exit_connect", "syscalls", "sys_exit_connect", true),
+    ("sys_enter_close", "syscalls", "sys_enter_close", true),
+    ("sched_process_exit", "sched", "sched_process_exit", false),
+    ("sys_exit_read", "syscalls", "sys_exit_read", true),
+    ("sys_enter_read", "syscalls", "sys_enter_read", true),
+    ("sys_exit_write", "syscalls", "sys_exit_write", true),
+    ("sys_enter_write", "syscalls", "sys_enter_write", true),
+    ("sys_exit_readv", "syscalls", "sys_exit_readv", true),
+    ("sys_enter_readv", "syscalls", "sys_enter_readv", true),
+    ("sys_exit_writev", "syscalls", "sys_exit_writev", true),
+    ("sys_enter_writev", "syscalls", "sys_enter_writev", true),
+    ("sys_exit_recvfrom", "syscalls", "sys_exit_recvfrom", true),
+    ("sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom", true),
+    ("sys_exit_sendto", "syscalls", "sys_exit_sendto", true),
+    ("sys_enter_sendto", "syscalls", "sys_enter_sendto", true),
+    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg", true),
+    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg", true),
+    ("sys_exit_sendmsg", "syscalls", "sys_exit_sendmsg", true),
+    ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg", true),
+    (
+        "sys_exit_sendfile64",
+        "syscalls",
+        "sys_exit_sendfile64",
+        false,
+    ),
+    (
+        "sys_enter_sendfile64",
+        "syscalls",
+        "sys_enter_sendfile64",
+        false,
+    ),
+];
+
+/// Names of the kernel counters, indexed like `agent_common::Counter`.
+pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
+    "kernel_ringbuf_full",
+    "kernel_data_events",
+    "kernel_truncated_bytes",
+    "kernel_read_user_failed",
+    "kernel_read_kernel_failed",
+    "kernel_conn_table_full",
+    "kernel_args_table_full",
+    "kernel_conns_opened",
+    "kernel_self_conns_skipped",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "this sonde binary was built without kernel programs (AYA_BUILD_SKIP); rebuild it with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("{0}")]
+    Btf(#[from] BtfError),
+    #[error(
+        "tracefs is not mounted and mounting it failed ({0}); run `mount -t tracefs nodev /sys/kernel/tracing`"
+    )]
+    Tracefs(std::io::Error),
+    #[error(
+        "loading the kernel programs failed: {0}; sonde needs root or CAP_BPF+CAP_PERFMON+CAP_SYS_RESOURCE (see deploy/systemd), and a kernel >= 5.8; `sonde check` tells what is missing"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("kernel program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("attaching {name} to tracepoint {category}/{tracepoint} failed: {source}")]
+    Attach {
+        name: &'static str,
+        category: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {0} is missing or of the wrong type: {1}")]
+    Map(&'static str, String),
+    #[error("updating the traced-process map failed: {0}")]
+    MapUpdate(#[from] aya::maps::MapError),
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Bytes copied per syscall (at most `MAX_CAPTURE`).
+    pub capture_bytes: u32,
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Kernel connection table capacity.
+    pub max_conns: u32,
+    /// Trace only processes added with `Probes::trace_pid`.
+    pub filter_pids: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            capture_bytes: MAX_CAPTURE as u32,
+            ring_bytes: 16 << 20,
+            max_conns: 65536,
+            filter_pids: false,
+        }
+    }
+}
+
+/// Loaded and attached programs. Dropping it detaches everything (links are owned by `ebpf`).
+pub struct Probes {
+    _ebpf: Ebpf,
+    pids: HashMap<MapData, u32, u8>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Tracepoints that could not be attached but are optional.
+    pub skipped: Vec<String>,
+}
+
+/// Mounts tracefs if neither of its usual mount points is populated.
+pub fn ensure_tracefs() -> Result<(), ProbeError> {
+    for p in [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ] {
+        if Path::new(p).is_dir() {
+            return Ok(());
+        }
+    }
+    let target = CString::new("/sys/kernel/tracing").expect("no NUL");
+    let fstype = CString::new("tracefs").expect("no NUL");
+    let source = CString::new("nodev").expect("no NUL");
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(ProbeError::Tracefs(std::io::Error::last_os_error()));
+    }
+    log::info!("mounted tracefs at /sys/kernel/tracing");
+    Ok(())
+}
+
+impl Probes {
+    /// Loads and attaches. Returns the probes and the ring buffer to read events from.
+    pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), ProbeError> {
+        if OBJECT.is_empty() {
+            return Err(ProbeError::NoObject);
+        }
+        ensure_tracefs()?;
+        let offsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
+        let config = KernelConfig {
+            self_tgid: std::process::id(),
+            filter_pids: opts.filter_pids as u32,
+            capture_bytes: opts.capture_bytes.min(MAX_CAPTURE as u32),
+            // Wake the reader early when a quarter of the buffer is used; otherwise it drains
+            // on its own timer (per-event wakeups cost more than the tracing itself).
+            wakeup_bytes: opts.ring_bytes / 4,
+            offsets,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .map_max_entries(maps::EVENTS, opts.ring_bytes)
+            .map_max_entries(maps::CONNS, opts.max_conns)
+            .load(OBJECT)
+            .map_err(ProbeError::Load)?;
+
+        let mut skipped = Vec::new();
+        for &(name, category, tracepoint, required) in ATTACH {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| ProbeError::Attach {
+                    name,
+                    category,
+                    tracepoint,
+                    source,
+                })?;
+            let res = prog
+                .load()
+                .and_then(|()| prog.attach(category, tracepoint).map(|_| ()));
+            match res {
+                Ok(()) => {}
+                Err(source) if !required => {
+                    log::warn!(
+                        "optional tracepoint {category}/{tracepoint} not attached: {source}"
+                    );
+                    skipped.push(format!("{category}/{tracepoint}"));
+                }
+                Err(source) => {
+                    return Err(ProbeError::Attach {
+                        name,
+                        category,
+                        tracepoint,
+                        source,
+                    });
+                }
+            }
+        }
+
+        let events = RingBuf::try_from(
+            ebpf.take_map(maps::EVENTS)
+                .ok_or(ProbeError::Map(maps::EVENTS, "missing".into()))?,
+        )
+        .map_err(|e| ProbeError::Map(maps::EVENTS, e.to_string()))?;
+        let pids = HashMap::try_from(
+            ebpf.take_map(maps::PIDS)
+                .ok_or(ProbeError::Map(maps::PIDS, "missing".into()))?,
+        )
+        .map_err(|e| ProbeError::Map(maps::PIDS, e.to_string()))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(maps::COUNTERS)
+                .ok_or(ProbeError::Map(maps::COUNTERS, "missing".into()))?,
+        )
+        .map_err(|e| ProbeError::Map(maps::COUNTERS, e.to_string()))?;
+        Ok((
+            Probes {
+                _ebpf: ebpf,
+                pids,
+                counters,
+                skipped,
+            },
+            events,
+        ))
+    }
+
+    /// In filter mode, start tracing `pid`.
+    pub fn trace_pid(&mut self, pid: u32) -> Result<(), ProbeError> {
+        Ok(self.pids.insert(&pid, &PID_TRACE, 0)?)
+    }
+
+    /// Never trace `pid` (e.g. it runs its own OpenTelemetry SDK).
+    pub fn exclude_pid(&mut self, pid: u32) -> Result<(), ProbeError> {
+        Ok(self.pids.insert(&pid, &PID_EXCLUDE, 0)?)
+    }
+
+    /// Forget `pid` (it exited).
+    pub fn forget_pid(&mut self, pid: u32) {
+        let _ = self.pids.remove(&pid);
+    }
+
+    /// Kernel counters summed over CPUs, named as in `COUNTER_NAMES`.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        COUNTER_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let v = self
+                    .counters
+                    .get(&(i as u32), 0)
+                    .map(|vals| vals.iter().sum())
+                    .unwrap_or(0);
+                (*name, v)
+            })
+            .collect()
+    }
+}
