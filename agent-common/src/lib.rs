@@ -92,8 +92,11 @@ pub struct OpenEvent {
     /// IPv4 addresses use the first 4 bytes; network byte order.
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
+    /// Task name (`comm`) of the opener: identifies processes that exit before userspace
+    /// can read their /proc entry (curl and other short-lived clients).
+    pub comm: [u8; 16],
 }
-const _: () = assert!(size_of::<OpenEvent>() == 72);
+const _: () = assert!(size_of::<OpenEvent>() == 88);
 
 /// Bytes moved by one syscall on a tracked connection. `len` is the full count the syscall
 /// returned; only the first `cap_len` bytes follow the header (see `MAX_CAPTURE`).

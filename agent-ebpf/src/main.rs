@@ -16,6 +16,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use agent_common::*;
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::bpf_get_current_comm,
     helpers::generated::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
@@ -280,6 +281,7 @@ fn track(tgid: u32, tid: u32, fd: u32, role: u8) -> Option<ConnState> {
         remote_port: 0,
         local_addr: [0; 16],
         remote_addr: [0; 16],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     fill_tuple(sk, &mut ev)?;
     let mut st = ConnState {

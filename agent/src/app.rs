@@ -1,1 +1,273 @@
-//! Pending.
+//! Top-level wiring: the only module that knows about threads, the runtime and channels.
+//!
+//! ```text
+//! kernel ring buffer ──(pipeline thread: decode → conn → span)──► SpanSender ──► export task
+//! ```
+//! The pipeline is one synchronous thread: every stage is plain code over owned state, so a
+//! span costs no locks or channel hops until it is handed to the exporter in batches.
+use std::{
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    cli::RunConfig,
+    clock::BootClock,
+    conn::{ConnLimits, ConnTable, Exchange},
+    events::{self, Event},
+    export::{self, ExportConfig, SpanSender},
+    metrics::Stats,
+    probes::{LoadOptions, Probes},
+    process::{Registry, Selector},
+    span::{Span, assemble::Assembler, http::SpanOptions},
+};
+
+/// Runs until SIGINT/SIGTERM, then flushes and detaches.
+pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let selector = Selector::new(cfg.pids.clone(), cfg.exe.clone(), cfg.ports.clone())?;
+    let registry = Registry::new().with_service_names(&cfg.service_names)?;
+    let export_cfg = ExportConfig::from_env(cfg.output.map(Into::into))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sonde-export")
+        .enable_all()
+        .build()
+        .context("starting the export runtime")?;
+    let stats = Arc::new(Stats::default());
+
+    let (mut probes, ring) = Probes::load(&LoadOptions {
+        capture_bytes: cfg.capture_bytes,
+        ring_bytes: cfg.ring_mib << 20,
+        max_conns: cfg.max_conns,
+        filter_pids: selector.is_filtering(),
+    })?;
+    let self_pid = std::process::id();
+    let mut selected = Default::default();
+    if selector.is_filtering() {
+        selected = selector.scan(Path::new("/proc"), self_pid);
+        for &pid in &selected {
+            probes.trace_pid(pid)?;
+        }
+    }
+    log::info!(
+        "sonde {} tracing {} ({} selected now); exporting to {}",
+        env!("CARGO_PKG_VERSION"),
+        selector.describe(),
+        if selector.is_filtering() {
+            selected.len().to_string()
+        } else {
+            "all".into()
+        },
+        export_cfg.describe()
+    );
+
+    let (sender, export_task) = {
+        let _guard = rt.enter();
+        export::spawn(export_cfg, stats.clone())
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let pipeline = Pipeline {
+        conns: ConnTable::new(ConnLimits {
+            max_conns: cfg.max_conns as usize,
+            idle_timeout_ns: cfg.idle_timeout * 1_000_000_000,
+            ..Default::default()
+        }),
+        registry,
+        assembler: Assembler::new(
+            BootClock::sample(),
+            SpanOptions {
+                redact_params: cfg.redact_params.clone(),
+            },
+        ),
+        sender,
+        stats: stats.clone(),
+        probes,
+        selector,
+        selected,
+        self_pid,
+        drain: Duration::from_millis(cfg.drain_ms),
+        stats_interval: Duration::from_secs(cfg.stats_interval),
+    };
+    let stop_flag = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("sonde-pipeline".into())
+        .spawn(move || pipeline.run(ring, &stop_flag))
+        .context("starting the pipeline thread")?;
+
+    rt.block_on(wait_for_signal())?;
+    log::info!("stopping: flushing pending spans");
+    stop.store(true, Ordering::Relaxed);
+    let probes = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?;
+    rt.block_on(export_task.shutdown());
+    log::info!("{}", stats_line(&stats, &probes));
+    drop(probes); // detaches every program
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+fn stats_line(stats: &Stats, probes: &Probes) -> String {
+    let mut parts: Vec<String> = stats
+        .snapshot()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    parts.extend(
+        probes
+            .counters()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}")),
+    );
+    format!("stats: {}", parts.join(" "))
+}
+
+struct Pipeline {
+    conns: ConnTable,
+    registry: Registry,
+    assembler: Assembler,
+    sender: SpanSender,
+    stats: Arc<Stats>,
+    probes: Probes,
+    selector: Selector,
+    selected: std::collections::HashSet<u32>,
+    self_pid: u32,
+    drain: Duration,
+    stats_interval: Duration,
+}
+
+impl Pipeline {
+    fn run(mut self, mut ring: RingBuf<MapData>, stop: &AtomicBool) -> Probes {
+        let mut exchanges: Vec<Exchange> = Vec::with_capacity(1024);
+        let mut spans: Vec<Span> = Vec::with_capacity(1024);
+        let mut last_expire = Instant::now();
+        let mut last_scan = Instant::now();
+        let mut last_stats = Instant::now();
+        loop {
+            let stopping = stop.load(Ordering::Relaxed);
+            if !stopping {
+                wait_readable(&ring, self.drain);
+            }
+            while let Some(item) = ring.next() {
+                self.handle(&item, &mut exchanges);
+                drop(item);
+                if exchanges.len() >= 1024 {
+                    self.emit(&mut exchanges, &mut spans);
+                }
+            }
+            self.emit(&mut exchanges, &mut spans);
+
+            if stopping {
+                self.conns.drain(&self.stats, &mut exchanges);
+                self.emit(&mut exchanges, &mut spans);
+                return self.probes;
+            }
+            if last_expire.elapsed() >= Duration::from_secs(1) {
+                last_expire = Instant::now();
+                self.conns
+                    .expire(BootClock::now_monotonic_ns(), &self.stats, &mut exchanges);
+                self.emit(&mut exchanges, &mut spans);
+                self.assembler.refresh_clock();
+            }
+            if self.selector.is_filtering() && last_scan.elapsed() >= Duration::from_secs(2) {
+                last_scan = Instant::now();
+                self.rescan();
+            }
+            if !self.stats_interval.is_zero() && last_stats.elapsed() >= self.stats_interval {
+                last_stats = Instant::now();
+                log::info!("{}", stats_line(&self.stats, &self.probes));
+            }
+        }
+    }
+
+    fn handle(&mut self, record: &[u8], exchanges: &mut Vec<Exchange>) {
+        Stats::inc(&self.stats.events);
+        let ev = match events::decode(record) {
+            Ok(ev) => ev,
+            Err(e) => {
+                Stats::inc(&self.stats.decode_errors);
+                log::debug!("undecodable event: {e}");
+                return;
+            }
+        };
+        if let Event::Open(o) = &ev {
+            // Read the Resource while the process is surely alive (short-lived clients may be
+            // gone by the time their exchange completes).
+            self.registry.resource_or(o.conn.tgid, o.comm());
+        }
+        self.conns.on_event(&ev, &self.stats, exchanges);
+        if let Event::ProcessExit { tgid, .. } = ev {
+            // Spans already assembled keep their Arc<Resource>; the next process with this
+            // pid is read afresh.
+            self.emit_pending(exchanges);
+            self.registry.forget(tgid);
+            self.assembler.forget_process(tgid);
+            if self.selected.remove(&tgid) {
+                self.probes.forget_pid(tgid);
+            }
+        }
+    }
+
+    fn emit_pending(&mut self, exchanges: &mut Vec<Exchange>) {
+        let mut spans = Vec::new();
+        self.emit(exchanges, &mut spans);
+    }
+
+    /// Turns finished exchanges into spans and hands them to the exporter.
+    fn emit(&mut self, exchanges: &mut Vec<Exchange>, spans: &mut Vec<Span>) {
+        if exchanges.is_empty() {
+            return;
+        }
+        for ex in exchanges.drain(..) {
+            let resource = self.registry.resource(ex.conn.tgid);
+            spans.push(self.assembler.assemble(&ex, resource));
+        }
+        Stats::add(&self.stats.spans, spans.len() as u64);
+        self.sender.send(std::mem::take(spans));
+    }
+
+    fn rescan(&mut self) {
+        let now = self.selector.scan(Path::new("/proc"), self.self_pid);
+        for &pid in now.difference(&self.selected) {
+            if let Err(e) = self.probes.trace_pid(pid) {
+                log::warn!("cannot select pid {pid}: {e}");
+            } else {
+                log::info!("tracing pid {pid}");
+            }
+        }
+        for &pid in self.selected.difference(&now) {
+            self.probes.forget_pid(pid);
+        }
+        self.selected = now;
+    }
+}
+
+/// Waits until the ring buffer signals data or `timeout` passes. The kernel side suppresses
+/// wakeups except when the buffer fills, so the timeout is the normal drain cadence.
+fn wait_readable(ring: &RingBuf<MapData>, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd: ring.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd. EINTR and errors just mean "drain now".
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+}

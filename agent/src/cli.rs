@@ -61,6 +61,10 @@ pub struct RunConfig {
     /// Trace processes listening on this TCP port (repeatable).
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
+    /// service.name for processes whose executable matches GLOB, when they do not set
+    /// OTEL_SERVICE_NAME themselves (repeatable), e.g. `--service-name 'nginx=payments'`.
+    #[arg(long = "service-name", value_name = "GLOB=NAME")]
+    pub service_names: Vec<String>,
     /// Where spans go. Default: OTLP when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set, else console.
     #[arg(long, value_enum, env = "SONDE_OUTPUT")]
     pub output: Option<Output>,

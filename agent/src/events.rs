@@ -37,6 +37,15 @@ pub struct OpenInfo {
     pub role: Role,
     pub local: Option<SocketAddr>,
     pub remote: Option<SocketAddr>,
+    /// The opening task's name, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+impl OpenInfo {
+    pub fn comm(&self) -> &str {
+        let end = self.comm.iter().position(|&c| c == 0).unwrap_or(16);
+        std::str::from_utf8(&self.comm[..end]).unwrap_or("")
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +108,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 role,
                 local: sockaddr(ev.family, &ev.local_addr, ev.local_port),
                 remote: sockaddr(ev.family, &ev.remote_addr, ev.remote_port),
+                comm: ev.comm,
             }))
         }
         EV_DATA => {
@@ -203,6 +213,7 @@ pub mod encode {
             remote_port: remote.port(),
             local_addr,
             remote_addr,
+            comm: *b"test\0\0\0\0\0\0\0\0\0\0\0\0",
         };
         bytes_of(&ev).to_vec()
     }

@@ -1,1 +1,77 @@
-fn main() {}
+//! Developer tasks. `cargo xtask demo` and `cargo xtask test` are the README's two commands:
+//! both set up everything they need first (idempotently), on a fresh machine too.
+mod bench;
+mod demo;
+mod setup;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "sonde developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces, bpf-linker and the system packages (idempotent).
+    Setup {
+        /// Also install what the tests need (Python and Node SDK peers, capsh, ...).
+        #[arg(long)]
+        tests: bool,
+    },
+    /// Build the release `sonde` binary (kernel programs included).
+    Build,
+    /// Set up, build, and run the demo: unmodified services traced, the trace printed.
+    Demo,
+    /// Set up and run every test: unit tests, then the root-only integration tests.
+    Test {
+        /// Only the integration tests whose names contain this.
+        filter: Option<String>,
+    },
+    /// Set up and run the benchmarks (overhead, throughput, pipeline, export, memory).
+    Bench {
+        /// Shorter runs (for a smoke check).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup { tests } => setup::setup(tests),
+        Cmd::Build => setup::build_release().map(|_| ()),
+        Cmd::Demo => demo::run(),
+        Cmd::Test { filter } => test(filter),
+        Cmd::Bench { quick } => bench::run(quick),
+    }
+}
+
+fn test(filter: Option<String>) -> Result<()> {
+    setup::setup(true)?;
+    let sonde = setup::build_release()?;
+    let root = util::workspace_root();
+    // Unit tests: everything that needs no privileges.
+    util::run(util::cargo().current_dir(&root).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "tests",
+        "--exclude",
+        "agent-ebpf",
+    ]))?;
+    // Root-only integration tests: real kernels, servers and clients; serial, since they share
+    // the kernel's tracepoints and the machine's two cores.
+    let mut cmd = util::cargo();
+    cmd.current_dir(&root)
+        .env("SONDE_BIN", &sonde)
+        .args(["test", "--release", "-p", "tests", "--"])
+        .arg("--test-threads=1");
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    util::run(&mut cmd)
+}

@@ -17,6 +17,9 @@ pub struct Registry {
     proc_root: PathBuf,
     host_name: String,
     cache: HashMap<u32, Arc<Resource>>,
+    /// `--service-name GLOB=NAME` rules, for processes without OTEL_SERVICE_NAME (or that
+    /// overwrite their environment, as nginx does with its process titles).
+    names: Vec<(globset::GlobMatcher, String)>,
 }
 
 impl Registry {
@@ -29,16 +32,43 @@ impl Registry {
             proc_root: root.into(),
             host_name: host_name(),
             cache: HashMap::new(),
+            names: Vec::new(),
         }
+    }
+
+    /// Adds `GLOB=NAME` service-name rules (matched against the executable's path and name).
+    pub fn with_service_names(mut self, rules: &[String]) -> Result<Self, SelectorError> {
+        for r in rules {
+            let (glob, name) = r
+                .split_once('=')
+                .ok_or_else(|| SelectorError::Rule(r.clone()))?;
+            let g = globset::Glob::new(glob)
+                .map_err(|e| SelectorError::Glob(glob.to_string(), e))?
+                .compile_matcher();
+            self.names.push((g, name.to_string()));
+        }
+        Ok(self)
     }
 
     /// The Resource of `pid`, read from /proc on first use. A process that is already gone
     /// gets a minimal Resource (`unknown_service`, pid) rather than being dropped.
     pub fn resource(&mut self, pid: u32) -> Arc<Resource> {
+        self.resource_or(pid, "")
+    }
+
+    /// Like [`Registry::resource`]; `comm` (the kernel's task name) names a process whose
+    /// /proc entry is already gone.
+    pub fn resource_or(&mut self, pid: u32, comm: &str) -> Arc<Resource> {
         if let Some(r) = self.cache.get(&pid) {
             return r.clone();
         }
-        let r = Arc::new(read_resource(&self.proc_root, pid, &self.host_name));
+        let r = Arc::new(read_resource(
+            &self.proc_root,
+            pid,
+            &self.host_name,
+            comm,
+            &self.names,
+        ));
         self.cache.insert(pid, r.clone());
         r
     }
@@ -127,6 +157,80 @@ pub fn start_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Command lines can carry credentials (`curl -H 'Authorization: …'`, `--password x`,
+/// `https://user:pw@host`): such values are replaced by `REDACTED` before export.
+pub fn sanitize_args(args: Vec<String>) -> Vec<String> {
+    const SECRET_FLAGS: [&str; 7] = [
+        "-u",
+        "--user",
+        "--password",
+        "--pass",
+        "--token",
+        "--api-key",
+        "--proxy-user",
+    ];
+    const SECRET_HEADERS: [&str; 4] = [
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+    ];
+    const SECRET_KEYS: [&str; 8] = [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "apikey",
+        "api_key",
+        "api-key",
+        "access_key",
+    ];
+    let mut out = Vec::with_capacity(args.len());
+    let mut redact_next = false;
+    for a in args {
+        if redact_next {
+            redact_next = false;
+            out.push("REDACTED".to_string());
+            continue;
+        }
+        let lower = a.to_ascii_lowercase();
+        if SECRET_FLAGS.contains(&lower.as_str()) {
+            redact_next = true;
+            out.push(a);
+            continue;
+        }
+        if let Some((flag, _)) = a.split_once('=') {
+            let f = flag.to_ascii_lowercase();
+            let key = f.trim_start_matches('-');
+            if SECRET_FLAGS.contains(&f.as_str()) || SECRET_KEYS.iter().any(|k| key.ends_with(k)) {
+                out.push(format!("{flag}=REDACTED"));
+                continue;
+            }
+        }
+        if SECRET_HEADERS.iter().any(|h| {
+            lower
+                .trim_start()
+                .strip_prefix(h)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        }) {
+            let name = a.split(':').next().unwrap_or("");
+            out.push(format!("{name}: REDACTED"));
+            continue;
+        }
+        // scheme://user:password@host
+        if let Some(i) = a.find("://") {
+            let rest = &a[i + 3..];
+            let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            if let Some(at) = rest[..auth_end].rfind('@') {
+                out.push(format!("{}REDACTED@{}", &a[..i + 3], &rest[at + 1..]));
+                continue;
+            }
+        }
+        out.push(a);
+    }
+    out
+}
+
 fn runtime_language(exe_name: &str) -> &'static str {
     let n = exe_name.to_ascii_lowercase();
     if n.starts_with("python") || n == "uwsgi" || n == "gunicorn" {
@@ -146,7 +250,13 @@ fn runtime_language(exe_name: &str) -> &'static str {
     }
 }
 
-fn read_resource(proc_root: &Path, pid: u32, host: &str) -> Resource {
+fn read_resource(
+    proc_root: &Path,
+    pid: u32,
+    host: &str,
+    comm_hint: &str,
+    names: &[(globset::GlobMatcher, String)],
+) -> Resource {
     let dir = proc_root.join(pid.to_string());
     let exe_path = fs::read_link(dir.join("exe")).ok().map(|p| {
         p.to_string_lossy()
@@ -163,7 +273,7 @@ fn read_resource(proc_root: &Path, pid: u32, host: &str) -> Resource {
         .unwrap_or_default();
     let comm = fs::read_to_string(dir.join("comm"))
         .map(|s| s.trim().to_string())
-        .unwrap_or_default();
+        .unwrap_or_else(|_| comm_hint.to_string());
     let exe_name = exe_path
         .as_deref()
         .and_then(|p| p.rsplit('/').next())
@@ -183,6 +293,13 @@ fn read_resource(proc_root: &Path, pid: u32, host: &str) -> Resource {
                 .iter()
                 .find(|(k, _)| k == "service.name")
                 .map(|(_, v)| v.clone())
+        })
+        .or_else(|| {
+            let path = exe_path.as_deref().unwrap_or("");
+            names
+                .iter()
+                .find(|(g, _)| g.is_match(path) || g.is_match(&exe_name))
+                .map(|(_, n)| n.clone())
         })
         .unwrap_or_else(|| {
             if exe_name.is_empty() {
@@ -218,7 +335,10 @@ fn read_resource(proc_root: &Path, pid: u32, host: &str) -> Resource {
         set("process.executable.path", AttrValue::Str(p.clone()));
     }
     if !args.is_empty() {
-        set("process.command_args", AttrValue::StrList(args));
+        set(
+            "process.command_args",
+            AttrValue::StrList(sanitize_args(args)),
+        );
     }
     set("host.name", AttrValue::Str(host.to_string()));
     set("telemetry.sdk.name", AttrValue::Str("sonde".into()));
@@ -335,6 +455,54 @@ mod tests {
         let r = Registry::with_proc_root(&d.0).resource(999_999);
         assert_eq!(r.service_name, "unknown_service");
         assert_eq!(r.pid, 999_999);
+        // With the kernel's task name, a process that already exited keeps its identity.
+        let r = Registry::with_proc_root(&d.0).resource_or(999_998, "curl");
+        assert_eq!(r.service_name, "curl");
+        assert_eq!(
+            attr(&r, "process.executable.name"),
+            Some(&AttrValue::Str("curl".into()))
+        );
+    }
+
+    #[test]
+    fn command_args_never_carry_credentials() {
+        let args = [
+            "curl",
+            "-H",
+            "Authorization: Bearer hunter2",
+            "-u",
+            "bob:pw1",
+            "--password=pw2",
+            "https://al:pw3@h.example/x",
+            "-H",
+            "cookie:sid=pw4",
+            "DB_TOKEN=pw5",
+            "-v",
+        ]
+        .map(String::from)
+        .to_vec();
+        let out = sanitize_args(args).join(" ");
+        for secret in ["hunter2", "pw1", "pw2", "pw3", "pw4", "pw5"] {
+            assert!(!out.contains(secret), "{secret} leaked: {out}");
+        }
+        assert!(
+            out.contains("https://REDACTED@h.example/x") && out.contains("-v"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn service_name_rules_apply_without_otel_service_name() {
+        let d = fake_proc(13, b"", b"x\0");
+        let mut reg = Registry::with_proc_root(&d.0)
+            .with_service_names(&["my*=shop".into()])
+            .unwrap();
+        assert_eq!(reg.resource(13).service_name, "shop");
+        assert!(
+            Registry::new()
+                .with_service_names(&["nope".into()])
+                .is_err()
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 pub enum SelectorError {
     #[error("invalid --exe pattern {0:?}: {1}")]
     Glob(String, globset::Error),
+    #[error("invalid --service-name rule {0:?}: expected GLOB=NAME, e.g. 'nginx=payments'")]
+    Rule(String),
 }
 
 #[derive(Clone, Debug, Default)]
