@@ -125,19 +125,21 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The periodic (and final) accounting line: every counter of every hop.
 fn stats_line(stats: &Stats, probes: &Probes) -> String {
-    let mut parts: Vec<String> = stats
+    refresh_kernel_counters(stats, probes);
+    let parts: Vec<String> = stats
         .snapshot()
         .into_iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    parts.extend(
-        probes
-            .counters()
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}")),
-    );
     format!("stats: {}", parts.join(" "))
+}
+
+fn refresh_kernel_counters(stats: &Stats, probes: &Probes) {
+    if let Ok(mut k) = stats.kernel.lock() {
+        *k = probes.counters();
+    }
 }
 
 struct Pipeline {
@@ -186,6 +188,7 @@ impl Pipeline {
                     .expire(BootClock::now_monotonic_ns(), &self.stats, &mut exchanges);
                 self.emit(&mut exchanges, &mut spans);
                 self.assembler.refresh_clock();
+                refresh_kernel_counters(&self.stats, &self.probes);
             }
             if self.selector.is_filtering() && last_scan.elapsed() >= Duration::from_secs(2) {
                 last_scan = Instant::now();

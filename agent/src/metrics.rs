@@ -8,12 +8,18 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Stats {
             $($(#[doc = $doc])* pub $name: AtomicU64,)*
+            /// Latest copy of the kernel-side counters (refreshed by the pipeline every second).
+            pub kernel: std::sync::Mutex<Vec<(&'static str, u64)>>,
         }
 
         impl Stats {
-            /// (name, value) pairs in declaration order.
+            /// (name, value) pairs: userspace counters in declaration order, then the kernel's.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-                vec![$((stringify!($name), self.$name.load(Relaxed)),)*]
+                let mut v = vec![$((stringify!($name), self.$name.load(Relaxed)),)*];
+                if let Ok(k) = self.kernel.lock() {
+                    v.extend(k.iter().copied());
+                }
+                v
             }
         }
     };
