@@ -21,13 +21,17 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     cli::RunConfig,
     clock::BootClock,
-    conn::{ConnLimits, ConnTable, Exchange},
-    events::{self, Event},
+    conn::{ConnLimits, ConnTable, Exchange, RequestStart},
+    events::{self, Event, Reorder},
     export::{self, ExportConfig, SpanSender},
     metrics::Stats,
     probes::{LoadOptions, Probes},
     process::{Registry, Selector},
-    span::{Span, assemble::Assembler, http::SpanOptions},
+    span::{
+        Span,
+        assemble::{Assembler, LinkOptions},
+        http::SpanOptions,
+    },
 };
 
 /// Runs until SIGINT/SIGTERM, then flushes and detaches.
@@ -71,7 +75,12 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let (sender, export_task) = {
         let _guard = rt.enter();
-        export::spawn(export_cfg, stats.clone())
+        let export = export::spawn(export_cfg, stats.clone());
+        if let Some(addr) = cfg.metrics_addr {
+            crate::metrics_server::spawn(addr, stats.clone())
+                .with_context(|| format!("serving metrics on {addr} (--metrics-addr)"))?;
+        }
+        export
     };
     let stop = Arc::new(AtomicBool::new(false));
     let pipeline = Pipeline {
@@ -81,10 +90,14 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             ..Default::default()
         }),
         registry,
-        assembler: Assembler::new(
+        assembler: Assembler::with_links(
             BootClock::sample(),
             SpanOptions {
                 redact_params: cfg.redact_params.clone(),
+            },
+            LinkOptions {
+                same_host: !cfg.no_same_host_links,
+                ..Default::default()
             },
         ),
         sender,
@@ -94,7 +107,11 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         selected,
         self_pid,
         drain: Duration::from_millis(cfg.drain_ms),
+        hold_ns: cfg.reorder_ms * 1_000_000,
         stats_interval: Duration::from_secs(cfg.stats_interval),
+        exchanges: Vec::with_capacity(1024),
+        starts: Vec::with_capacity(64),
+        spans: Vec::with_capacity(1024),
     };
     let stop_flag = stop.clone();
     let handle = std::thread::Builder::new()
@@ -153,13 +170,17 @@ struct Pipeline {
     selected: std::collections::HashSet<u32>,
     self_pid: u32,
     drain: Duration,
+    /// Reorder window (see `events::Reorder`).
+    hold_ns: u64,
     stats_interval: Duration,
+    exchanges: Vec<Exchange>,
+    starts: Vec<RequestStart>,
+    spans: Vec<Span>,
 }
 
 impl Pipeline {
     fn run(mut self, mut ring: RingBuf<MapData>, stop: &AtomicBool) -> Probes {
-        let mut exchanges: Vec<Exchange> = Vec::with_capacity(1024);
-        let mut spans: Vec<Span> = Vec::with_capacity(1024);
+        let mut reorder = Reorder::default();
         let mut last_expire = Instant::now();
         let mut last_scan = Instant::now();
         let mut last_stats = Instant::now();
@@ -169,24 +190,31 @@ impl Pipeline {
                 wait_readable(&ring, self.drain);
             }
             while let Some(item) = ring.next() {
-                self.handle(&item, &mut exchanges);
-                drop(item);
-                if exchanges.len() >= 1024 {
-                    self.emit(&mut exchanges, &mut spans);
-                }
+                reorder.push(&item);
             }
-            self.emit(&mut exchanges, &mut spans);
+            // Hold back what is younger than the reorder window, so that records committed
+            // late by another CPU still take their place in timestamp order.
+            let until = if stopping {
+                u64::MAX
+            } else {
+                BootClock::now_monotonic_ns().saturating_sub(self.hold_ns)
+            };
+            reorder.release(until, |rec| self.handle(rec));
+            self.flush();
 
             if stopping {
-                self.conns.drain(&self.stats, &mut exchanges);
-                self.emit(&mut exchanges, &mut spans);
+                self.conns.drain(&self.stats, &mut self.exchanges);
+                self.assemble_pending();
+                self.flush();
                 return self.probes;
             }
             if last_expire.elapsed() >= Duration::from_secs(1) {
                 last_expire = Instant::now();
-                self.conns
-                    .expire(BootClock::now_monotonic_ns(), &self.stats, &mut exchanges);
-                self.emit(&mut exchanges, &mut spans);
+                let now = BootClock::now_monotonic_ns();
+                self.conns.expire(now, &self.stats, &mut self.exchanges);
+                self.assemble_pending();
+                self.flush();
+                self.assembler.expire(now);
                 self.assembler.refresh_clock();
                 refresh_kernel_counters(&self.stats, &self.probes);
             }
@@ -201,7 +229,9 @@ impl Pipeline {
         }
     }
 
-    fn handle(&mut self, record: &[u8], exchanges: &mut Vec<Exchange>) {
+    /// One record, all the way to spans: decode → connection table → identity decisions for
+    /// requests that started → spans for exchanges that completed.
+    fn handle(&mut self, record: &[u8]) {
         Stats::inc(&self.stats.events);
         let ev = match events::decode(record) {
             Ok(ev) => ev,
@@ -216,35 +246,40 @@ impl Pipeline {
             // gone by the time their exchange completes).
             self.registry.resource_or(o.conn.tgid, o.comm());
         }
-        self.conns.on_event(&ev, &self.stats, exchanges);
+        self.conns.on_event(&ev, &self.stats, &mut self.exchanges);
+        self.conns.take_starts(&mut self.starts);
+        for st in self.starts.drain(..) {
+            self.assembler.on_start(&st);
+        }
+        self.assemble_pending();
         if let Event::ProcessExit { tgid, .. } = ev {
             // Spans already assembled keep their Arc<Resource>; the next process with this
             // pid is read afresh.
-            self.emit_pending(exchanges);
             self.registry.forget(tgid);
             self.assembler.forget_process(tgid);
             if self.selected.remove(&tgid) {
                 self.probes.forget_pid(tgid);
             }
         }
+        if self.spans.len() >= 1024 {
+            self.flush();
+        }
     }
 
-    fn emit_pending(&mut self, exchanges: &mut Vec<Exchange>) {
-        let mut spans = Vec::new();
-        self.emit(exchanges, &mut spans);
+    fn assemble_pending(&mut self) {
+        for ex in self.exchanges.drain(..) {
+            let resource = self.registry.resource(ex.conn.tgid);
+            self.spans.push(self.assembler.assemble(&ex, resource));
+        }
     }
 
-    /// Turns finished exchanges into spans and hands them to the exporter.
-    fn emit(&mut self, exchanges: &mut Vec<Exchange>, spans: &mut Vec<Span>) {
-        if exchanges.is_empty() {
+    /// Hands the spans built so far to the exporter.
+    fn flush(&mut self) {
+        if self.spans.is_empty() {
             return;
         }
-        for ex in exchanges.drain(..) {
-            let resource = self.registry.resource(ex.conn.tgid);
-            spans.push(self.assembler.assemble(&ex, resource));
-        }
-        Stats::add(&self.stats.spans, spans.len() as u64);
-        self.sender.send(std::mem::take(spans));
+        Stats::add(&self.stats.spans, self.spans.len() as u64);
+        self.sender.send(std::mem::take(&mut self.spans));
     }
 
     fn rescan(&mut self) {

@@ -1,5 +1,7 @@
 //! Command line. Flags map onto one typed [`RunConfig`]; standard `OTEL_*` variables are read
 //! by `export::ExportConfig`.
+use std::net::{SocketAddr, ToSocketAddrs};
+
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::export::OutputKind;
@@ -80,6 +82,14 @@ pub struct RunConfig {
     /// How often the ring buffer is drained when it is not filling up, in milliseconds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub drain_ms: u64,
+    /// Events are held this long and processed in timestamp order, so that a request written
+    /// on one CPU is seen before the peer's read of it on another (cross-process links).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub reorder_ms: u64,
+    /// Do not link server requests to traced client requests of this host by socket
+    /// addresses (only `traceparent` headers link processes then).
+    #[arg(long)]
+    pub no_same_host_links: bool,
     /// Seconds between statistics log lines (0: never).
     #[arg(long, default_value_t = 60, env = "SONDE_STATS_INTERVAL")]
     pub stats_interval: u64,
@@ -90,6 +100,26 @@ pub struct RunConfig {
     /// Seconds without traffic after which a connection is forgotten.
     #[arg(long, default_value_t = 300)]
     pub idle_timeout: u64,
+    /// Serve Prometheus self-metrics at http://ADDR/metrics (off by default). ADDR is
+    /// HOST:PORT, or just PORT (or :PORT) to listen on 127.0.0.1 only.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr, env = "SONDE_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// `PORT`, `:PORT` (both 127.0.0.1), `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` (resolved now).
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("expected HOST:PORT or PORT: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s} resolves to no address"))
 }
 
 fn parse_pow2_mib(s: &str) -> Result<u32, String> {
@@ -132,5 +162,23 @@ mod tests {
         assert!(Cli::try_parse_from(["sonde", "run", "--ring-mib", "3"]).is_err());
         assert!(Cli::try_parse_from(["sonde", "run", "--capture-bytes", "99999"]).is_err());
         assert_eq!(RunConfig::default().max_conns, 65536);
+        assert_eq!(c.metrics_addr, None);
+    }
+
+    #[test]
+    fn metrics_addr_defaults_to_loopback() {
+        let addr = |a: &str| {
+            let cli = Cli::try_parse_from(["sonde", "run", "--metrics-addr", a])?;
+            let Some(Command::Run(c)) = cli.command else {
+                panic!()
+            };
+            Ok::<_, clap::Error>(c.metrics_addr.unwrap().to_string())
+        };
+        assert_eq!(addr("9464").unwrap(), "127.0.0.1:9464");
+        assert_eq!(addr(":9464").unwrap(), "127.0.0.1:9464");
+        assert_eq!(addr("0.0.0.0:9464").unwrap(), "0.0.0.0:9464");
+        assert_eq!(addr("[::1]:9464").unwrap(), "[::1]:9464");
+        assert!(addr("nope").is_err());
+        assert!(addr("127.0.0.1:99999").is_err());
     }
 }

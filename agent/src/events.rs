@@ -321,3 +321,99 @@ mod tests {
         }
     }
 }
+
+/// Puts records from all CPUs back into timestamp order.
+///
+/// The ring buffer orders records by when they were *committed*, which for a write stamped
+/// at syscall entry can be after the peer's read of the same bytes (another CPU). Causality
+/// across processes (a client's request before the server's read of it) is in *timestamp*
+/// order, so records are held for `hold_ns` and released sorted by timestamp.
+#[derive(Default)]
+pub struct Reorder {
+    arena: Vec<u8>,
+    /// (timestamp, offset, length) into `arena`.
+    items: Vec<(u64, u32, u32)>,
+    spare: Vec<u8>,
+}
+
+impl Reorder {
+    pub fn push(&mut self, record: &[u8]) {
+        let ts = record
+            .get(8..16)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .unwrap_or(0);
+        self.items
+            .push((ts, self.arena.len() as u32, record.len() as u32));
+        self.arena.extend_from_slice(record);
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Calls `f` for every record stamped at or before `until_ns`, in timestamp order (ties in
+    /// arrival order), and keeps the rest.
+    pub fn release(&mut self, until_ns: u64, mut f: impl FnMut(&[u8])) {
+        if self.items.is_empty() {
+            return;
+        }
+        self.items.sort_by_key(|&(ts, _, _)| ts);
+        let cut = self.items.partition_point(|&(ts, _, _)| ts <= until_ns);
+        for &(_, off, len) in &self.items[..cut] {
+            f(&self.arena[off as usize..(off + len) as usize]);
+        }
+        // Compact what is held back.
+        self.spare.clear();
+        let mut kept = Vec::with_capacity(self.items.len() - cut);
+        for &(ts, off, len) in &self.items[cut..] {
+            kept.push((ts, self.spare.len() as u32, len));
+            self.spare
+                .extend_from_slice(&self.arena[off as usize..(off + len) as usize]);
+        }
+        std::mem::swap(&mut self.arena, &mut self.spare);
+        self.items = kept;
+        if self.arena.capacity() > 64 << 20 && self.arena.len() < 1 << 20 {
+            self.arena.shrink_to(1 << 20);
+            self.spare = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod reorder_tests {
+    use super::*;
+
+    #[test]
+    fn releases_in_timestamp_order_and_holds_the_rest() {
+        let c = ConnId::default();
+        let mut r = Reorder::default();
+        for ts in [30u64, 10, 20, 50, 40] {
+            r.push(&encode::close(c, ts));
+        }
+        let mut got = vec![];
+        r.release(35, |rec| match decode(rec).unwrap() {
+            Event::Close { ts_ns, .. } => got.push(ts_ns),
+            e => panic!("{e:?}"),
+        });
+        assert_eq!(got, vec![10, 20, 30]);
+        assert_eq!(r.len(), 2);
+        r.push(&encode::close(c, 45));
+        got.clear();
+        r.release(u64::MAX, |rec| {
+            if let Ok(Event::Close { ts_ns, .. }) = decode(rec) {
+                got.push(ts_ns)
+            }
+        });
+        assert_eq!(got, vec![40, 45, 50]);
+        assert!(r.is_empty());
+        // Short garbage records are kept and released (decode then rejects them).
+        r.push(&[1, 2, 3]);
+        let mut n = 0;
+        r.release(0, |_| n += 1);
+        assert_eq!(n, 1);
+    }
+}

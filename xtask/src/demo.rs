@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{setup, util};
 
 /// Kills (SIGINT, then SIGKILL) a child when dropped.
-pub struct Guard(pub Child, pub &'static str);
+pub struct Guard(pub Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -69,7 +69,7 @@ pub fn start_sonde(sonde: &Path, args: &[&str]) -> Result<Guard> {
             }
         }
     });
-    let guard = Guard(child, "sonde");
+    let guard = Guard(child);
     rx.recv_timeout(Duration::from_secs(30))
         .context("sonde did not report that it is tracing within 30 s")?;
     Ok(guard)
@@ -108,7 +108,6 @@ pub fn run() -> Result<()> {
             .stderr(Stdio::null())
             .spawn()
             .context("starting nginx")?,
-        "nginx",
     );
     let _orders = Guard(
         Command::new("python3")
@@ -118,7 +117,6 @@ pub fn run() -> Result<()> {
             .env("PAYMENTS_URL", format!("http://127.0.0.1:{pay_port}"))
             .spawn()
             .context("starting orders.py")?,
-        "orders",
     );
     wait_port(pay_port, "nginx")?;
     wait_port(orders_port, "orders.py")?;

@@ -82,6 +82,20 @@ pub struct Exchange {
     pub response_tid: u32,
 }
 
+/// A request head was just parsed: the moment span identity and parent are decided (the
+/// exchange itself completes later, after any calls the request causes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestStart {
+    pub conn: ConnId,
+    pub side: Side,
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
+    /// Same as the resulting [`Exchange::start_ns`].
+    pub start_ns: u64,
+    pub tid: u32,
+    pub traceparent: Option<String>,
+}
+
 /// Bounds of the connection table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnLimits {
@@ -274,6 +288,8 @@ pub struct ConnTable {
     free: Vec<u32>,
     head: u32,
     tail: u32,
+    /// Request starts not yet taken by [`ConnTable::take_starts`].
+    starts: Vec<RequestStart>,
 }
 
 impl ConnTable {
@@ -286,7 +302,14 @@ impl ConnTable {
             free: Vec::new(),
             head: NIL,
             tail: NIL,
+            starts: Vec::new(),
         }
+    }
+
+    /// Moves the request starts seen since the last call into `out`, in event order. Call it
+    /// after each [`ConnTable::on_event`], before handling that event's exchanges.
+    pub fn take_starts(&mut self, out: &mut Vec<RequestStart>) {
+        out.append(&mut self.starts);
     }
 
     /// Connections tracked.
@@ -298,10 +321,11 @@ impl ConnTable {
         self.map.is_empty()
     }
 
-    fn env<'a>(&self, stats: &'a Stats, out: &'a mut Vec<Exchange>) -> Env<'a> {
+    fn env<'a>(&mut self, stats: &'a Stats, out: &'a mut Vec<Exchange>) -> Env<'a> {
         Env {
             stats,
             out,
+            starts: std::mem::take(&mut self.starts),
             max_head: self.limits.max_head_bytes,
             max_pipelined: self.limits.max_pipelined,
         }
@@ -310,6 +334,12 @@ impl ConnTable {
     /// Feeds one event; completed exchanges are pushed to `out`.
     pub fn on_event(&mut self, ev: &Event<'_>, stats: &Stats, out: &mut Vec<Exchange>) {
         let mut env = self.env(stats, out);
+        self.on_event_env(ev, &mut env);
+        self.starts = env.starts;
+    }
+
+    fn on_event_env(&mut self, ev: &Event<'_>, env: &mut Env<'_>) {
+        let mut env = &mut *env;
         match ev {
             Event::Open(o) => {
                 match self.lookup(&o.conn) {

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use agent_common::ConnId;
 
-use super::{Exchange, Outcome, Side};
+use super::{Exchange, Outcome, RequestStart, Side};
 use crate::events::{DataInfo, Direction};
 use crate::metrics::Stats;
 use crate::protocol::http1::{
@@ -30,6 +30,8 @@ const KEEP_HEAD_CAPACITY: usize = 4096;
 pub(super) struct Env<'a> {
     pub stats: &'a Stats,
     pub out: &'a mut Vec<Exchange>,
+    /// Requests whose head was just parsed, in event order.
+    pub starts: Vec<RequestStart>,
     pub max_head: usize,
     pub max_pipelined: usize,
 }
@@ -201,6 +203,15 @@ impl Shared {
             self.push_marker();
             return;
         }
+        env.starts.push(RequestStart {
+            conn: self.id,
+            side: self.side(),
+            local: self.local,
+            remote: self.remote,
+            start_ns,
+            tid,
+            traceparent: req.traceparent.clone(),
+        });
         self.pending.push_back(Pending::Req(PendingReq {
             req,
             start_ns,

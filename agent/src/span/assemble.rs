@@ -1,39 +1,758 @@
 //! Chooses each span's identity and parent, then builds it.
-use std::sync::Arc;
+//!
+//! Identity is decided when a request *starts* (its head was parsed), because the calls a
+//! request causes complete before it does. Three links, in order of authority:
+//!
+//! 1. **Incoming `traceparent`** on a server request continues that trace.
+//! 2. **Same host, no headers:** a server request whose connection is the far end of a
+//!    traced client connection on this host (socket addresses mirrored) is the child of that
+//!    client request. Requests on one connection pair up in order. When the request also
+//!    carries a `traceparent` of a *different* trace (set by an SDK in the caller), the
+//!    header wins.
+//! 3. **Inside a process:** a client request is the child of the server request being served
+//!    on the same thread, if that thread serves exactly one (thread-per-request servers). If
+//!    the thread serves none and the whole process serves exactly one, that one (thread
+//!    pools). Otherwise — an event loop (Node, asyncio, tokio) with several requests in flight
+//!    — there is no parent: no parent is better than a wrong one.
+//!
+//! Guard rails: a context is adopted only while fresh (`max_context_age_ns`), a server request
+//! parents at most `max_children` calls, a same-host client context is adopted once, and a
+//! child never starts before its parent.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use agent_common::ConnId;
 
 use super::{
-    Resource, Span, SpanId,
-    http::{self, SpanOptions},
+    Resource, Span, SpanId, TraceContext,
+    http::{self, Lineage, SpanOptions},
 };
-use crate::{clock::BootClock, conn::Exchange};
+use crate::{
+    clock::BootClock,
+    conn::{Exchange, RequestStart, Side},
+};
 
+#[derive(Clone, Debug)]
+pub struct LinkOptions {
+    /// Link server requests to traced client requests of this host by socket addresses.
+    pub same_host: bool,
+    /// Calls one server request may parent.
+    pub max_children: u32,
+    /// Oldest context that may still be adopted.
+    pub max_context_age_ns: u64,
+    /// Same-host client contexts kept waiting for their server side (oldest dropped).
+    pub max_pending_peers: usize,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        LinkOptions {
+            same_host: true,
+            max_children: 1000,
+            max_context_age_ns: 300_000_000_000,
+            max_pending_peers: 65536,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Ctx {
+    span_id: SpanId,
+    lineage: Lineage,
+    start_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct OpenServer {
+    conn: ConnId,
+    ctx: Ctx,
+    children: u32,
+}
+
+type PeerKey = (SocketAddr, SocketAddr);
+
+#[derive(Default)]
 pub struct Assembler {
-    clock: BootClock,
+    clock: Option<BootClock>,
     opts: SpanOptions,
+    link: LinkOptions,
+    /// Server requests started and not yet complete, per connection (FIFO: pipelining).
+    servers: HashMap<ConnId, VecDeque<Ctx>>,
+    /// The same, per (tgid, tid) and per tgid, for in-process parenting.
+    by_thread: HashMap<(u32, u32), Vec<OpenServer>>,
+    by_process: HashMap<u32, Vec<OpenServer>>,
+    /// Client requests started and not yet complete, per connection.
+    clients: HashMap<ConnId, VecDeque<Ctx>>,
+    /// Client requests waiting for their same-host server side, by (client local, remote).
+    peers: HashMap<PeerKey, VecDeque<Ctx>>,
+    peer_count: usize,
 }
 
 impl Assembler {
     pub fn new(clock: BootClock, opts: SpanOptions) -> Self {
-        Assembler { clock, opts }
+        Self::with_links(clock, opts, LinkOptions::default())
+    }
+
+    pub fn with_links(clock: BootClock, opts: SpanOptions, link: LinkOptions) -> Self {
+        Assembler {
+            clock: Some(clock),
+            opts,
+            link,
+            ..Default::default()
+        }
     }
 
     /// Re-reads the wall clock offset (NTP may have slewed it).
     pub fn refresh_clock(&mut self) {
-        self.clock = BootClock::sample();
+        self.clock = Some(BootClock::sample());
+    }
+
+    /// Decides the identity of a request that just started.
+    pub fn on_start(&mut self, st: &RequestStart) {
+        let header = st
+            .traceparent
+            .as_deref()
+            .and_then(|v| TraceContext::parse(v.as_bytes()));
+        let ctx = match st.side {
+            Side::Server => {
+                let peer = self.take_peer(st);
+                let lineage = match (header, peer) {
+                    (Some(h), Some(p)) if p.lineage.trace_id != h.trace_id => {
+                        Lineage::from_context(&h)
+                    }
+                    (_, Some(p)) => Lineage {
+                        trace_id: p.lineage.trace_id,
+                        parent: Some(p.span_id),
+                        flags: p.lineage.flags,
+                    },
+                    (Some(h), None) => Lineage::from_context(&h),
+                    (None, None) => Lineage::root(),
+                };
+                let ctx = Ctx {
+                    span_id: SpanId::random(),
+                    lineage,
+                    start_ns: st.start_ns,
+                };
+                let open = OpenServer {
+                    conn: st.conn,
+                    ctx,
+                    children: 0,
+                };
+                self.by_thread
+                    .entry((st.conn.tgid, st.tid))
+                    .or_default()
+                    .push(open);
+                self.by_process.entry(st.conn.tgid).or_default().push(open);
+                self.servers.entry(st.conn).or_default().push_back(ctx);
+                ctx
+            }
+            Side::Client => {
+                let lineage = match self.in_process_parent(st) {
+                    Some(p) => Lineage {
+                        trace_id: p.lineage.trace_id,
+                        parent: Some(p.span_id),
+                        flags: p.lineage.flags,
+                    },
+                    // The process propagates a context itself (it runs an SDK, or forwards
+                    // the header): join that trace.
+                    None => header
+                        .map(|h| Lineage::from_context(&h))
+                        .unwrap_or_else(Lineage::root),
+                };
+                let ctx = Ctx {
+                    span_id: SpanId::random(),
+                    lineage,
+                    start_ns: st.start_ns,
+                };
+                self.clients.entry(st.conn).or_default().push_back(ctx);
+                if let (true, Some(l), Some(r)) = (self.link.same_host, st.local, st.remote) {
+                    self.add_peer((l, r), ctx);
+                }
+                ctx
+            }
+        };
+        let _ = ctx;
+    }
+
+    fn add_peer(&mut self, key: PeerKey, ctx: Ctx) {
+        if self.peer_count >= self.link.max_pending_peers {
+            // Bounded: sweep stale entries first; if still full, skip linking this one.
+            self.sweep_peers(ctx.start_ns);
+            if self.peer_count >= self.link.max_pending_peers {
+                return;
+            }
+        }
+        let q = self.peers.entry(key).or_default();
+        if q.len() >= 64 {
+            q.pop_front();
+            self.peer_count -= 1;
+        }
+        q.push_back(ctx);
+        self.peer_count += 1;
+    }
+
+    /// The traced client request on this host whose bytes this server request is reading.
+    fn take_peer(&mut self, st: &RequestStart) -> Option<Ctx> {
+        if !self.link.same_host {
+            return None;
+        }
+        let (l, r) = (st.local?, st.remote?);
+        // The client's local address is our remote one and vice versa.
+        let q = self.peers.get_mut(&(r, l))?;
+        let mut found = None;
+        while let Some(c) = q.front().copied() {
+            if c.start_ns > st.start_ns {
+                // Written after we read: not ours (clocks are one, so this is a later request).
+                break;
+            }
+            q.pop_front();
+            self.peer_count -= 1;
+            if st.start_ns - c.start_ns <= self.link.max_context_age_ns {
+                found = Some(c);
+                break;
+            }
+        }
+        if q.is_empty() {
+            self.peers.remove(&(r, l));
+        }
+        found
+    }
+
+    fn in_process_parent(&mut self, st: &RequestStart) -> Option<Ctx> {
+        let max_age = self.link.max_context_age_ns;
+        let max_children = self.link.max_children;
+        let usable = |o: &OpenServer| {
+            o.ctx.start_ns <= st.start_ns
+                && st.start_ns - o.ctx.start_ns <= max_age
+                && o.children < max_children
+        };
+        let on_thread = self.by_thread.get(&(st.conn.tgid, st.tid));
+        let pick = match on_thread.map(|v| v.as_slice()).unwrap_or(&[]) {
+            [one] => usable(one).then_some(one.ctx),
+            [] => match self.by_process.get(&st.conn.tgid).map(|v| v.as_slice()) {
+                Some([one]) => usable(one).then_some(one.ctx),
+                _ => None,
+            },
+            _ => None, // several requests in flight on this thread: ambiguous
+        }?;
+        for list in [
+            self.by_thread.get_mut(&(st.conn.tgid, st.tid)),
+            self.by_process.get_mut(&st.conn.tgid),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            for o in list.iter_mut().filter(|o| o.ctx.span_id == pick.span_id) {
+                o.children += 1;
+            }
+        }
+        Some(pick)
+    }
+
+    /// Builds the span of a completed exchange with the identity chosen at its start.
+    pub fn assemble(&mut self, ex: &Exchange, resource: Arc<Resource>) -> Span {
+        let ctx = match ex.side {
+            Side::Server => {
+                let ctx = pop_matching(&mut self.servers, &ex.conn, ex.start_ns);
+                self.close_server(ex.conn, ctx.map(|c| c.span_id));
+                ctx
+            }
+            Side::Client => pop_matching(&mut self.clients, &ex.conn, ex.start_ns),
+        };
+        let (lineage, span_id) = match ctx {
+            Some(c) => (c.lineage, c.span_id),
+            None => (http::default_lineage(ex), SpanId::random()),
+        };
+        let clock = self.clock.unwrap_or_else(BootClock::sample);
+        http::build(ex, lineage, span_id, resource, &clock, &self.opts)
+    }
+
+    fn close_server(&mut self, conn: ConnId, span: Option<SpanId>) {
+        let Some(span) = span else { return };
+        let remove = |map: &mut HashMap<_, Vec<OpenServer>>, key| {
+            if let Some(v) = map.get_mut(&key) {
+                v.retain(|o: &OpenServer| !(o.conn == conn && o.ctx.span_id == span));
+                if v.is_empty() {
+                    map.remove(&key);
+                }
+            }
+        };
+        let tids: Vec<(u32, u32)> = self
+            .by_thread
+            .iter()
+            .filter(|((tgid, _), v)| *tgid == conn.tgid && v.iter().any(|o| o.ctx.span_id == span))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in tids {
+            remove(&mut self.by_thread, k);
+        }
+        if let Some(v) = self.by_process.get_mut(&conn.tgid) {
+            v.retain(|o| o.ctx.span_id != span);
+            if v.is_empty() {
+                self.by_process.remove(&conn.tgid);
+            }
+        }
     }
 
     /// Drops per-process state of an exited process.
-    pub fn forget_process(&mut self, _tgid: u32) {}
+    pub fn forget_process(&mut self, tgid: u32) {
+        self.by_process.remove(&tgid);
+        self.by_thread.retain(|(t, _), _| *t != tgid);
+        self.servers.retain(|c, _| c.tgid != tgid);
+        self.clients.retain(|c, _| c.tgid != tgid);
+    }
 
-    pub fn assemble(&mut self, ex: &Exchange, resource: Arc<Resource>) -> Span {
-        let lineage = http::default_lineage(ex);
-        http::build(
-            ex,
-            lineage,
-            SpanId::random(),
-            resource,
-            &self.clock,
-            &self.opts,
-        )
+    /// Drops contexts too old to adopt (call periodically with the current monotonic time).
+    pub fn expire(&mut self, now_ns: u64) {
+        let cutoff = now_ns.saturating_sub(self.link.max_context_age_ns);
+        self.sweep_peers(now_ns);
+        for map in [&mut self.servers, &mut self.clients] {
+            map.retain(|_, q| {
+                q.retain(|c| c.start_ns >= cutoff);
+                !q.is_empty()
+            });
+        }
+        for map in [&mut self.by_thread] {
+            map.retain(|_, v| {
+                v.retain(|o| o.ctx.start_ns >= cutoff);
+                !v.is_empty()
+            });
+        }
+        self.by_process.retain(|_, v| {
+            v.retain(|o| o.ctx.start_ns >= cutoff);
+            !v.is_empty()
+        });
+    }
+
+    fn sweep_peers(&mut self, now_ns: u64) {
+        let cutoff = now_ns.saturating_sub(self.link.max_context_age_ns);
+        let mut n = 0;
+        self.peers.retain(|_, q| {
+            q.retain(|c| c.start_ns >= cutoff);
+            n += q.len();
+            !q.is_empty()
+        });
+        self.peer_count = n;
+    }
+
+    /// Contexts held (for tests and self-metrics).
+    pub fn held(&self) -> usize {
+        self.servers.values().map(VecDeque::len).sum::<usize>()
+            + self.clients.values().map(VecDeque::len).sum::<usize>()
+            + self.peer_count
+    }
+}
+
+/// Pops the context started at `start_ns` (older ones belong to requests that were lost).
+fn pop_matching(
+    map: &mut HashMap<ConnId, VecDeque<Ctx>>,
+    conn: &ConnId,
+    start_ns: u64,
+) -> Option<Ctx> {
+    let q = map.get_mut(conn)?;
+    let mut found = None;
+    while let Some(c) = q.front().copied() {
+        if c.start_ns > start_ns {
+            break;
+        }
+        q.pop_front();
+        if c.start_ns == start_ns {
+            found = Some(c);
+            break;
+        }
+    }
+    if q.is_empty() {
+        map.remove(conn);
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        conn::Outcome,
+        protocol::http1::{RequestHead, ResponseHead},
+    };
+
+    fn res(pid: u32) -> Arc<Resource> {
+        Arc::new(Resource {
+            pid,
+            service_name: format!("svc{pid}"),
+            attributes: vec![],
+        })
+    }
+
+    fn addr(s: &str) -> Option<SocketAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    fn conn(tgid: u32, fd: u32) -> ConnId {
+        ConnId {
+            tgid,
+            fd,
+            generation: 1,
+        }
+    }
+
+    fn start(c: ConnId, side: Side, tid: u32, ts: u64, l: &str, r: &str) -> RequestStart {
+        RequestStart {
+            conn: c,
+            side,
+            local: addr(l),
+            remote: addr(r),
+            start_ns: ts,
+            tid,
+            traceparent: None,
+        }
+    }
+
+    fn exchange(st: &RequestStart, end: u64) -> Exchange {
+        Exchange {
+            conn: st.conn,
+            side: st.side,
+            local: st.local,
+            remote: st.remote,
+            request: RequestHead {
+                method: "GET".into(),
+                target: "/".into(),
+                minor_version: 1,
+                traceparent: st.traceparent.clone(),
+                ..Default::default()
+            },
+            response: Some(ResponseHead {
+                status: 200,
+                minor_version: 1,
+                ..Default::default()
+            }),
+            outcome: Outcome::Complete,
+            start_ns: st.start_ns,
+            end_ns: end,
+            request_tid: st.tid,
+            response_tid: st.tid,
+        }
+    }
+
+    fn asm() -> Assembler {
+        Assembler::new(BootClock::with_offset(0), SpanOptions::default())
+    }
+
+    /// A (pid 1) serves a request on thread 11, calls B (pid 2) from the same thread; B serves
+    /// it. Completion order is the real one: B, then A's call, then A.
+    #[test]
+    fn nests_server_client_server_across_processes() {
+        let mut a = asm();
+        let a_srv = start(
+            conn(1, 5),
+            Side::Server,
+            11,
+            100,
+            "127.0.0.1:8000",
+            "127.0.0.1:40000",
+        );
+        let a_cli = start(
+            conn(1, 6),
+            Side::Client,
+            11,
+            200,
+            "127.0.0.1:40001",
+            "127.0.0.1:9000",
+        );
+        let b_srv = start(
+            conn(2, 7),
+            Side::Server,
+            21,
+            250,
+            "127.0.0.1:9000",
+            "127.0.0.1:40001",
+        );
+        a.on_start(&a_srv);
+        a.on_start(&a_cli);
+        a.on_start(&b_srv);
+        let sb = a.assemble(&exchange(&b_srv, 300), res(2));
+        let ca = a.assemble(&exchange(&a_cli, 350), res(1));
+        let sa = a.assemble(&exchange(&a_srv, 400), res(1));
+        assert_eq!(sa.parent_span_id, None);
+        assert_eq!(ca.parent_span_id, Some(sa.span_id));
+        assert_eq!(sb.parent_span_id, Some(ca.span_id));
+        assert!(sa.trace_id == ca.trace_id && ca.trace_id == sb.trace_id);
+        assert_eq!(a.held(), 0, "nothing left behind");
+    }
+
+    #[test]
+    fn incoming_traceparent_roots_the_chain() {
+        let mut a = asm();
+        let mut s = start(
+            conn(1, 5),
+            Side::Server,
+            11,
+            100,
+            "127.0.0.1:8000",
+            "127.0.0.1:4",
+        );
+        s.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let c = start(
+            conn(1, 6),
+            Side::Client,
+            11,
+            200,
+            "127.0.0.1:5",
+            "127.0.0.1:9000",
+        );
+        a.on_start(&s);
+        a.on_start(&c);
+        let cs = a.assemble(&exchange(&c, 300), res(1));
+        let ss = a.assemble(&exchange(&s, 400), res(1));
+        assert_eq!(ss.trace_id.to_string(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(ss.parent_span_id.unwrap().to_string(), "b7ad6b7169203331");
+        assert_eq!(cs.trace_id, ss.trace_id);
+        assert_eq!(cs.parent_span_id, Some(ss.span_id));
+    }
+
+    #[test]
+    fn event_loop_with_two_requests_in_flight_gives_no_parent() {
+        let mut a = asm();
+        let s1 = start(
+            conn(1, 5),
+            Side::Server,
+            11,
+            100,
+            "127.0.0.1:8000",
+            "127.0.0.1:4",
+        );
+        let s2 = start(
+            conn(1, 6),
+            Side::Server,
+            11,
+            110,
+            "127.0.0.1:8000",
+            "127.0.0.1:5",
+        );
+        let c = start(
+            conn(1, 7),
+            Side::Client,
+            11,
+            200,
+            "127.0.0.1:6",
+            "10.0.0.9:80",
+        );
+        a.on_start(&s1);
+        a.on_start(&s2);
+        a.on_start(&c);
+        let cs = a.assemble(&exchange(&c, 300), res(1));
+        assert_eq!(cs.parent_span_id, None, "ambiguous: no parent");
+        // Thread pool: handled on another thread, but only one request in flight.
+        let mut a = asm();
+        a.on_start(&s1);
+        let c = start(
+            conn(1, 7),
+            Side::Client,
+            99,
+            200,
+            "127.0.0.1:6",
+            "10.0.0.9:80",
+        );
+        a.on_start(&c);
+        let cs = a.assemble(&exchange(&c, 300), res(1));
+        let ss = a.assemble(&exchange(&s1, 400), res(1));
+        assert_eq!(cs.parent_span_id, Some(ss.span_id));
+    }
+
+    #[test]
+    fn keep_alive_requests_do_not_inherit_a_finished_parent() {
+        let mut a = asm();
+        let s1 = start(
+            conn(1, 5),
+            Side::Server,
+            11,
+            100,
+            "127.0.0.1:8000",
+            "127.0.0.1:4",
+        );
+        a.on_start(&s1);
+        let _ = a.assemble(&exchange(&s1, 150), res(1));
+        // A call made after the request finished has no parent.
+        let c = start(
+            conn(1, 7),
+            Side::Client,
+            11,
+            200,
+            "127.0.0.1:6",
+            "10.0.0.9:80",
+        );
+        a.on_start(&c);
+        assert_eq!(a.assemble(&exchange(&c, 300), res(1)).parent_span_id, None);
+    }
+
+    #[test]
+    fn guard_rails_bound_adoption() {
+        let mut a = Assembler::with_links(
+            BootClock::with_offset(0),
+            SpanOptions::default(),
+            LinkOptions {
+                max_children: 2,
+                max_context_age_ns: 1_000,
+                ..Default::default()
+            },
+        );
+        let s = start(
+            conn(1, 5),
+            Side::Server,
+            11,
+            100,
+            "127.0.0.1:8000",
+            "127.0.0.1:4",
+        );
+        a.on_start(&s);
+        let mut parents = vec![];
+        for i in 0..3 {
+            let c = start(
+                conn(1, 10 + i),
+                Side::Client,
+                11,
+                200 + i as u64,
+                "127.0.0.1:6",
+                "10.0.0.9:80",
+            );
+            a.on_start(&c);
+            parents.push(
+                a.assemble(&exchange(&c, 300), res(1))
+                    .parent_span_id
+                    .is_some(),
+            );
+        }
+        assert_eq!(
+            parents,
+            vec![true, true, false],
+            "at most max_children calls adopt it"
+        );
+        // Too old to adopt.
+        let c = start(
+            conn(1, 20),
+            Side::Client,
+            11,
+            5_000,
+            "127.0.0.1:6",
+            "10.0.0.9:80",
+        );
+        let mut b = asm();
+        b.link.max_context_age_ns = 1_000;
+        b.on_start(&s);
+        b.on_start(&c);
+        assert_eq!(
+            b.assemble(&exchange(&c, 6_000), res(1)).parent_span_id,
+            None
+        );
+        // A same-host client context is adopted once: a second server request on that
+        // connection without its own client request gets none.
+        let mut d = asm();
+        let cl = start(
+            conn(1, 6),
+            Side::Client,
+            11,
+            10,
+            "127.0.0.1:40001",
+            "127.0.0.1:9000",
+        );
+        let s1 = start(
+            conn(2, 7),
+            Side::Server,
+            21,
+            20,
+            "127.0.0.1:9000",
+            "127.0.0.1:40001",
+        );
+        let s2 = start(
+            conn(2, 7),
+            Side::Server,
+            21,
+            30,
+            "127.0.0.1:9000",
+            "127.0.0.1:40001",
+        );
+        d.on_start(&cl);
+        d.on_start(&s1);
+        d.on_start(&s2);
+        assert!(
+            d.assemble(&exchange(&s1, 25), res(2))
+                .parent_span_id
+                .is_some()
+        );
+        assert!(
+            d.assemble(&exchange(&s2, 35), res(2))
+                .parent_span_id
+                .is_none()
+        );
+        // A client that wrote after the server read is not its parent.
+        let mut e = asm();
+        let late = start(
+            conn(1, 6),
+            Side::Client,
+            11,
+            50,
+            "127.0.0.1:40001",
+            "127.0.0.1:9000",
+        );
+        let early = start(
+            conn(2, 7),
+            Side::Server,
+            21,
+            40,
+            "127.0.0.1:9000",
+            "127.0.0.1:40001",
+        );
+        e.on_start(&early);
+        e.on_start(&late);
+        assert!(
+            e.assemble(&exchange(&early, 45), res(2))
+                .parent_span_id
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn same_host_linking_can_be_switched_off_and_headers_of_other_traces_win() {
+        let mut a = Assembler::with_links(
+            BootClock::with_offset(0),
+            SpanOptions::default(),
+            LinkOptions {
+                same_host: false,
+                ..Default::default()
+            },
+        );
+        let cl = start(
+            conn(1, 6),
+            Side::Client,
+            11,
+            10,
+            "127.0.0.1:40001",
+            "127.0.0.1:9000",
+        );
+        let sv = start(
+            conn(2, 7),
+            Side::Server,
+            21,
+            20,
+            "127.0.0.1:9000",
+            "127.0.0.1:40001",
+        );
+        a.on_start(&cl);
+        a.on_start(&sv);
+        assert!(
+            a.assemble(&exchange(&sv, 25), res(2))
+                .parent_span_id
+                .is_none()
+        );
+
+        let mut b = asm();
+        let mut sv = sv.clone();
+        sv.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        b.on_start(&cl);
+        b.on_start(&sv);
+        let s = b.assemble(&exchange(&sv, 25), res(2));
+        assert_eq!(s.parent_span_id.unwrap().to_string(), "b7ad6b7169203331");
     }
 }
