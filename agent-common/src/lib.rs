@@ -16,6 +16,11 @@ pub mod maps {
     pub const SELF_PORTS: &str = "SELF_PORTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SCRATCH: &str = "SCRATCH";
+    pub const SOCKS: &str = "SOCKS";
+    pub const PROP_MARK: &str = "PROP_MARK";
+    pub const THREAD_CTX: &str = "THREAD_CTX";
+    pub const PROC_CTX: &str = "PROC_CTX";
+    pub const INJECTED: &str = "INJECTED";
 }
 
 /// Largest number of payload bytes copied from one syscall. A power of two: the kernel masks
@@ -111,8 +116,48 @@ pub struct DataEventHeader {
     /// Stream offset (per direction) of the first byte of this syscall.
     pub pos: u64,
     pub len: u64,
+    /// Trace context the kernel chose for this syscall (propagation mode): `CTX_*`.
+    pub ctx_kind: u8,
+    pub _pad2: [u8; 7],
+    pub ctx_trace_id: [u8; 16],
+    pub ctx_span_id: [u8; 8],
 }
-const _: () = assert!(size_of::<DataEventHeader>() == 56);
+const _: () = assert!(size_of::<DataEventHeader>() == 88);
+
+/// No kernel trace context on this event.
+pub const CTX_NONE: u8 = 0;
+/// A request was read by a server: `ctx_trace_id` is the trace the kernel will propagate
+/// from this thread (taken from a leading `traceparent` line, else new).
+pub const CTX_SERVER: u8 = 1;
+/// `traceparent: 00-<ctx_trace_id>-<ctx_span_id>-01` was inserted into this outgoing request.
+pub const CTX_INJECTED: u8 = 2;
+
+/// Context of the server requests a thread (or process) is serving (THREAD_CTX/PROC_CTX).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServingCtx {
+    pub trace_id: [u8; 16],
+    /// When the latest request was read.
+    pub ts_ns: u64,
+    /// Requests read and not yet answered.
+    pub inflight: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ServingCtx>() == 32);
+
+/// Context inserted into a thread's latest outgoing request (INJECTED), for the syscall-exit
+/// program to report.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InjectedCtx {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub ts_ns: u64,
+}
+const _: () = assert!(size_of::<InjectedCtx>() == 32);
+
+/// Length of the header line sonde inserts: `traceparent: 00-{32}-{16}-01\r\n`.
+pub const TRACEPARENT_LINE_LEN: usize = 70;
 
 /// Kernel-side state of one tracked connection (CONNS value).
 #[repr(C)]
@@ -196,8 +241,11 @@ pub struct KernelConfig {
     /// Wake the reader early once this many bytes are waiting in the ring buffer.
     pub wakeup_bytes: u32,
     pub offsets: KernelOffsets,
+    /// 1: insert `traceparent` into outgoing HTTP/1 requests of traced processes.
+    pub propagate: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 80);
+const _: () = assert!(size_of::<KernelConfig>() == 88);
 
 /// Kernel-side counters (per-CPU array indices). Never reuse a number.
 #[repr(u32)]
@@ -221,8 +269,16 @@ pub enum Counter {
     ConnsOpened = 7,
     /// Connections skipped because their peer is sonde's exporter.
     SelfConnsSkipped = 8,
+    /// `traceparent` headers inserted into outgoing requests.
+    Injected = 9,
+    /// Outgoing requests left alone because they already carry `traceparent`.
+    InjectSkippedHasHeader = 10,
+    /// Insertion failed (push/pull refused by the kernel): the request went out unchanged.
+    InjectFailed = 11,
+    /// Client sockets put under the propagation program.
+    PropagatedSockets = 12,
 }
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 13;
 
 #[cfg(feature = "user")]
 mod user {

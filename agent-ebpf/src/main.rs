@@ -26,9 +26,12 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
+mod propagate;
+use propagate::{on_server_write, sonde_server_read, take_injected};
+
 /// Runtime configuration, patched by the loader before the programs are loaded.
 #[unsafe(no_mangle)]
-static CONFIG: KernelConfig = KernelConfig {
+pub(crate) static CONFIG: KernelConfig = KernelConfig {
     self_tgid: 0,
     filter_pids: 0,
     capture_bytes: MAX_CAPTURE as u32,
@@ -51,6 +54,8 @@ static CONFIG: KernelConfig = KernelConfig {
         sk_v6_daddr: 0,
         sk_v6_rcv_saddr: 0,
     },
+    propagate: 0,
+    _pad: 0,
 };
 
 // Sizes are defaults; the loader may resize EVENTS and CONNS.
@@ -71,14 +76,14 @@ static SELF_PORTS: LruHashMap<u16, u8> = LruHashMap::with_max_entries(4096, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 #[map]
-static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU staging area for a data event (too big for the 512-byte stack). Per-CPU map values
 /// are limited to 32 KiB, which bounds the data area below.
 #[repr(C)]
-struct Scratch {
-    hdr: DataEventHeader,
-    data: [u8; SCRATCH_DATA],
+pub(crate) struct Scratch {
+    pub(crate) hdr: DataEventHeader,
+    pub(crate) data: [u8; SCRATCH_DATA],
 }
 const SCRATCH_DATA: usize = 32768 - size_of::<DataEventHeader>();
 /// Largest offset at which a further iovec segment may start: offset + MAX_CAPTURE must stay
@@ -93,7 +98,7 @@ const IPPROTO_TCP: u16 = 6;
 const EINPROGRESS: i64 = -115;
 
 #[inline(always)]
-fn count(c: Counter) {
+pub(crate) fn count(c: Counter) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
         // SAFETY: per-CPU slot; a lost increment under preemption is acceptable for a counter.
         unsafe { *p += 1 };
@@ -101,7 +106,7 @@ fn count(c: Counter) {
 }
 
 #[inline(always)]
-fn count_n(c: Counter, n: u64) {
+pub(crate) fn count_n(c: Counter, n: u64) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
         // SAFETY: as in `count`.
         unsafe { *p += n };
@@ -109,7 +114,7 @@ fn count_n(c: Counter, n: u64) {
 }
 
 #[inline(always)]
-fn cfg_u32(p: *const u32) -> u32 {
+pub(crate) fn cfg_u32(p: *const u32) -> u32 {
     // SAFETY: `p` points into CONFIG; volatile so the loader's patched value is used.
     unsafe { read_volatile(p) }
 }
@@ -122,7 +127,7 @@ fn offsets() -> &'static KernelOffsets {
 
 /// Whether events from this process are wanted.
 #[inline(always)]
-fn traced(tgid: u32) -> bool {
+pub(crate) fn traced(tgid: u32) -> bool {
     if tgid == cfg_u32(addr_of!(CONFIG.self_tgid)) {
         return false;
     }
@@ -247,7 +252,7 @@ fn fill_tuple(sk: u64, ev: &mut OpenEvent) -> Option<()> {
 }
 
 #[inline(always)]
-fn wakeup_flags() -> u64 {
+pub(crate) fn wakeup_flags() -> u64 {
     // Batched wakeups: the reader drains on a timer; only a filling buffer wakes it early.
     if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > cfg_u32(addr_of!(CONFIG.wakeup_bytes)) as u64 {
         BPF_RB_FORCE_WAKEUP as u64
@@ -313,7 +318,7 @@ fn track(tgid: u32, tid: u32, fd: u32, role: u8) -> Option<ConnState> {
 }
 
 #[inline(always)]
-fn ids() -> (u64, u32, u32) {
+pub(crate) fn ids() -> (u64, u32, u32) {
     // SAFETY: helper with no arguments.
     let id = unsafe { bpf_get_current_pid_tgid() };
     (id, (id >> 32) as u32, id as u32)
@@ -572,6 +577,10 @@ fn data_exit(ctx: &TracePointContext, dir: u8) {
         cap_len: 0,
         pos,
         len: n,
+        ctx_kind: CTX_NONE,
+        _pad2: [0; 7],
+        ctx_trace_id: [0; 16],
+        ctx_span_id: [0; 8],
     };
 
     let mut want = cfg_u32(addr_of!(CONFIG.capture_bytes)) as u64;
@@ -597,6 +606,18 @@ fn data_exit(ctx: &TracePointContext, dir: u8) {
         _ => 0,
     };
     s.hdr.cap_len = copied as u32;
+    if cfg_u32(addr_of!(CONFIG.propagate)) != 0 {
+        // SAFETY: `st` still points at this connection's map value.
+        let role = unsafe { (*st).role };
+        if role != ROLE_CLIENT && dir == DIR_INGRESS {
+            sonde_server_read(id, tgid, copied);
+        } else if role != ROLE_CLIENT {
+            on_server_write(id, tgid, s, copied);
+        }
+        if dir == DIR_EGRESS {
+            take_injected(id, s);
+        }
+    }
     if n > copied {
         count_n(Counter::TruncatedBytes, n - copied);
     }

@@ -52,6 +52,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         ring_bytes: cfg.ring_mib << 20,
         max_conns: cfg.max_conns,
         filter_pids: selector.is_filtering(),
+        propagate: cfg.propagate,
     })?;
     let self_pid = std::process::id();
     let mut selected = Default::default();

@@ -86,6 +86,11 @@ pub struct RunConfig {
     /// on one CPU is seen before the peer's read of it on another (cross-process links).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub reorder_ms: u64,
+    /// Insert a W3C `traceparent` header into outgoing HTTP/1 requests of traced processes
+    /// that carry none, so that traces continue on other hosts and in SDK-instrumented
+    /// services (sk_msg on the client sockets of traced processes; needs cgroup v2).
+    #[arg(long, env = "SONDE_PROPAGATE")]
+    pub propagate: bool,
     /// Do not link server requests to traced client requests of this host by socket
     /// addresses (only `traceparent` headers link processes then).
     #[arg(long)]

@@ -5,8 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
-    ConnId, DIR_EGRESS, DIR_INGRESS, DataEventHeader, EV_CLOSE, EV_DATA, EV_OPEN, EV_PROC_EXIT,
-    EventHeader, OpenEvent, ROLE_CLIENT, ROLE_SERVER,
+    CTX_INJECTED, CTX_NONE, CTX_SERVER, ConnId, DIR_EGRESS, DIR_INGRESS, DataEventHeader, EV_CLOSE,
+    EV_DATA, EV_OPEN, EV_PROC_EXIT, EventHeader, OpenEvent, ROLE_CLIENT, ROLE_SERVER,
 };
 
 /// Direction of bytes relative to the traced process.
@@ -48,8 +48,25 @@ impl OpenInfo {
     }
 }
 
+/// Trace context the kernel chose (propagation mode), reported with a data event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KernelCtx {
+    #[default]
+    None,
+    /// A server read that starts a request: the trace the kernel propagates from this
+    /// thread's calls.
+    Server { trace_id: [u8; 16] },
+    /// A client write into which `traceparent: 00-{trace_id}-{span_id}-01` was inserted.
+    Injected {
+        trace_id: [u8; 16],
+        span_id: [u8; 8],
+    },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataInfo<'a> {
+    /// Kernel-chosen trace context, if any.
+    pub ctx: KernelCtx,
     pub conn: ConnId,
     pub ts_ns: u64,
     pub tid: u32,
@@ -126,7 +143,18 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 DIR_EGRESS => Direction::Egress,
                 d => return Err(DecodeError::BadDirection(d)),
             };
+            let ctx = match ev.ctx_kind {
+                CTX_SERVER => KernelCtx::Server {
+                    trace_id: ev.ctx_trace_id,
+                },
+                CTX_INJECTED => KernelCtx::Injected {
+                    trace_id: ev.ctx_trace_id,
+                    span_id: ev.ctx_span_id,
+                },
+                _ => KernelCtx::None,
+            };
             Ok(Event::Data(DataInfo {
+                ctx,
                 conn: hdr.conn,
                 ts_ns: hdr.ts_ns,
                 tid: hdr.tid,
@@ -239,6 +267,10 @@ pub mod encode {
             cap_len: data.len() as u32,
             pos,
             len,
+            ctx_kind: CTX_NONE,
+            _pad2: [0; 7],
+            ctx_trace_id: [0; 16],
+            ctx_span_id: [0; 8],
         };
         let mut out = bytes_of(&ev).to_vec();
         out.extend_from_slice(data);

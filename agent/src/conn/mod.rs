@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 
 use agent_common::ConnId;
 
-use crate::events::{DataInfo, Direction, Event, Role};
+use crate::events::{DataInfo, Direction, Event, KernelCtx, Role};
 use crate::metrics::Stats;
 use crate::protocol::http1::{MessageKind, RequestHead, ResponseHead};
 use stream::{Env, Shared, Signal, Stream};
@@ -94,6 +94,8 @@ pub struct RequestStart {
     pub start_ns: u64,
     pub tid: u32,
     pub traceparent: Option<String>,
+    /// Context the kernel chose for this request (propagation mode).
+    pub kernel_ctx: KernelCtx,
 }
 
 /// Bounds of the connection table.

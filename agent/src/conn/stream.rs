@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use agent_common::ConnId;
 
 use super::{Exchange, Outcome, RequestStart, Side};
-use crate::events::{DataInfo, Direction};
+use crate::events::{DataInfo, Direction, KernelCtx};
 use crate::metrics::Stats;
 use crate::protocol::http1::{
     self, BodyFraming, ChunkProgress, ChunkedBody, MessageKind, Parsed, RequestHead, ResponseHead,
@@ -195,7 +195,14 @@ impl Shared {
         true
     }
 
-    fn on_request(&mut self, env: &mut Env<'_>, req: RequestHead, start_ns: u64, tid: u32) {
+    fn on_request(
+        &mut self,
+        env: &mut Env<'_>,
+        req: RequestHead,
+        start_ns: u64,
+        tid: u32,
+        kernel_ctx: KernelCtx,
+    ) {
         if !self.make_room(env) {
             // Only possible when the limit is 1 and the front request's response is under
             // way: this request's response is to be skipped.
@@ -211,6 +218,7 @@ impl Shared {
             start_ns,
             tid,
             traceparent: req.traceparent.clone(),
+            kernel_ctx,
         });
         self.pending.push_back(Pending::Req(PendingReq {
             req,
@@ -433,6 +441,10 @@ pub(super) struct Stream {
     /// Event that carried the current message's first byte.
     msg_ts: u64,
     msg_tid: u32,
+    /// Kernel trace context of the event that started the current message (only when the
+    /// message starts at that event's first byte: the kernel looks only there).
+    msg_ctx: KernelCtx,
+    cur_ctx: KernelCtx,
     /// Timestamp of the latest event seen on this stream.
     last_ts: u64,
     /// At the very first byte of a connection sonde saw open: it must start a message.
@@ -459,6 +471,8 @@ impl Stream {
             msg_kind: MessageKind::Request,
             msg_ts: 0,
             msg_tid: 0,
+            msg_ctx: KernelCtx::None,
+            cur_ctx: KernelCtx::None,
             last_ts: 0,
             origin: false,
             lost: true,
@@ -479,6 +493,7 @@ impl Stream {
         self.start_ok = false;
         self.msg_ts = 0;
         self.msg_tid = 0;
+        self.msg_ctx = KernelCtx::None;
         self.last_ts = 0;
         self.origin = fresh;
         self.lost = !fresh;
@@ -547,6 +562,7 @@ impl Stream {
             return;
         }
         if !data.is_empty() {
+            self.cur_ctx = d.ctx;
             self.bytes(sh, env, data, d.ts_ns, d.tid);
         }
         if tail > 0 && sh.signal.is_none() {
@@ -594,6 +610,11 @@ impl Stream {
                     if i < data.len() {
                         self.msg_ts = ts;
                         self.msg_tid = tid;
+                        self.msg_ctx = if i == 0 {
+                            self.cur_ctx
+                        } else {
+                            KernelCtx::None
+                        };
                         self.start_ok = false;
                         self.head.clear();
                         self.st = St::Head;
@@ -725,7 +746,7 @@ impl Stream {
         let framing = match head {
             Head::Req(h) => {
                 let framing = h.body();
-                sh.on_request(env, h, self.msg_ts, self.msg_tid);
+                sh.on_request(env, h, self.msg_ts, self.msg_tid, self.msg_ctx);
                 framing
             }
             Head::Resp(h) if h.is_interim() => {

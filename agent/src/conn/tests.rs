@@ -184,6 +184,7 @@ fn run(steps: &[Step], splits: &[usize], limits: &ConnLimits) -> (Vec<Exchange>,
                     let captured = &bytes[a.min(cap)..b.min(cap)];
                     table.on_event(
                         &Event::Data(DataInfo {
+                            ctx: Default::default(),
                             conn: C,
                             ts_ns: ts + j as u64,
                             tid: tid_of(*dir),
@@ -1351,6 +1352,7 @@ fn open_for_known_conn_is_ignored_and_new_generation_ends_old() {
     let req = get("/g1");
     let d = |conn: ConnId, ts, data: &'static [u8]| {
         Event::Data(DataInfo {
+            ctx: Default::default(),
             conn,
             ts_ns: ts,
             tid: 5,
@@ -1405,6 +1407,7 @@ fn pending_get(t: &mut ConnTable, stats: &Stats, outv: &mut Vec<Exchange>, conn:
     );
     t.on_event(
         &Event::Data(DataInfo {
+            ctx: Default::default(),
             conn,
             ts_ns: ts,
             tid: 1,
@@ -1449,6 +1452,7 @@ fn eviction_at_max_conns_ends_least_recently_active() {
     );
     t.on_event(
         &Event::Data(DataInfo {
+            ctx: Default::default(),
             conn: id(1),
             ts_ns: 26,
             tid: 1,
@@ -1546,6 +1550,7 @@ fn duplicate_and_overlapping_events_are_tolerated() {
     let mut t = ConnTable::new(ConnLimits::default());
     fn ev(dir: Direction, pos: u64, data: &[u8]) -> DataInfo<'_> {
         DataInfo {
+            ctx: Default::default(),
             conn: C,
             ts_ns: 5,
             tid: 1,
@@ -1683,6 +1688,7 @@ fn fuzz_random_input_never_panics() {
                     let len = buf.len() as u64 + extra;
                     t.on_event(
                         &Event::Data(DataInfo {
+                            ctx: Default::default(),
                             conn,
                             ts_ns: ts,
                             tid: 2,
@@ -1746,6 +1752,7 @@ fn fuzz_fixture_streams_with_random_loss() {
                 };
                 t.on_event(
                     &Event::Data(DataInfo {
+                        ctx: Default::default(),
                         conn: C,
                         ts_ns: ts,
                         tid: 1,
@@ -1811,6 +1818,7 @@ fn throughput() {
             ] {
                 t.on_event(
                     &Event::Data(DataInfo {
+                        ctx: Default::default(),
                         conn,
                         ts_ns: ts,
                         tid: 1,

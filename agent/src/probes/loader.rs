@@ -63,10 +63,93 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "kernel_args_table_full",
     "kernel_conns_opened",
     "kernel_self_conns_skipped",
+    "kernel_traceparent_injected",
+    "kernel_inject_skipped_has_header",
+    "kernel_inject_failed",
+    "kernel_propagated_sockets",
 ];
+
+/// The capabilities sonde runs with (proven by tests/tests/faults.rs): CAP_BPF and
+/// CAP_PERFMON are required; the other two only widen what /proc reveals.
+const CAPS_HINT: &str = "the capabilities CAP_BPF and CAP_PERFMON (plus CAP_SYS_PTRACE and \
+CAP_DAC_READ_SEARCH to read other processes' /proc entries; see deploy/systemd/sonde.service)";
+
+/// Whether `e` (or an error it wraps) is EPERM: a missing capability.
+fn not_permitted(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::EPERM) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Where cgroup v2 is mounted (hybrid hierarchies put it under `unified`).
+fn cgroup2_root() -> Option<&'static Path> {
+    // Only cgroup v2 has cgroup.controllers.
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.join("cgroup.controllers").exists())
+}
+
+/// Attaches sock_ops to the root cgroup v2 (it marks client sockets of traced processes) and
+/// sk_msg to their socket map (it inserts `traceparent`). Both detach when sonde exits (they
+/// are bpf links / map-owned attachments).
+fn attach_propagation(ebpf: &mut Ebpf) -> Result<aya::maps::SockHash<MapData, u64>, ProbeError> {
+    use aya::{
+        maps::SockHash,
+        programs::{CgroupAttachMode, SkMsg, SockOps},
+    };
+    let root = cgroup2_root().ok_or(ProbeError::Propagation(
+        "cgroup v2 is not mounted (looked in /sys/fs/cgroup/unified and /sys/fs/cgroup)".into(),
+    ))?;
+    let cgroup = std::fs::File::open(root)
+        .map_err(|e| ProbeError::Propagation(format!("open {}: {e}", root.display())))?;
+    let socks: SockHash<MapData, u64> = SockHash::try_from(
+        ebpf.take_map(maps::SOCKS)
+            .ok_or(ProbeError::Map(maps::SOCKS, "missing".into()))?,
+    )
+    .map_err(|e| ProbeError::Map(maps::SOCKS, e.to_string()))?;
+    let fail = |what: &str, e: &dyn std::error::Error| {
+        let mut msg = format!("{what}: {e}");
+        let mut src = e.source();
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        ProbeError::Propagation(msg)
+    };
+    let msg: &mut SkMsg = ebpf
+        .program_mut("sonde_skmsg")
+        .ok_or(ProbeError::MissingProgram("sonde_skmsg"))?
+        .try_into()
+        .map_err(|e| fail("sonde_skmsg", &e))?;
+    msg.load().map_err(|e| fail("loading sk_msg", &e))?;
+    msg.attach(socks.fd())
+        .map_err(|e| fail("attaching sk_msg", &e))?;
+    let ops: &mut SockOps = ebpf
+        .program_mut("sonde_sockops")
+        .ok_or(ProbeError::MissingProgram("sonde_sockops"))?
+        .try_into()
+        .map_err(|e| fail("sonde_sockops", &e))?;
+    ops.load().map_err(|e| fail("loading sock_ops", &e))?;
+    ops.attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(|e| fail("attaching sock_ops to the root cgroup", &e))?;
+    log::info!(
+        "context propagation on: traceparent is inserted into outgoing HTTP/1 requests of traced processes"
+    );
+    Ok(socks)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    #[error("context propagation (--propagate) unavailable: {0}")]
+    Propagation(String),
     #[error(
         "this sonde binary was built without kernel programs (AYA_BUILD_SKIP); rebuild it with `cargo xtask build`"
     )]
@@ -78,9 +161,19 @@ pub enum ProbeError {
     )]
     Tracefs(std::io::Error),
     #[error(
-        "loading the kernel programs failed: {0}; sonde needs root or CAP_BPF+CAP_PERFMON+CAP_SYS_RESOURCE (see deploy/systemd), and a kernel >= 5.8; `sonde check` tells what is missing"
+        "loading the kernel programs failed: {0}; sonde needs root or {caps}, and a kernel >= 5.8; `sonde check` tells what is missing",
+        caps = CAPS_HINT
     )]
     Load(#[source] aya::EbpfError),
+    #[error(
+        "loading kernel program {name} was not permitted: {source}; sonde needs root or {caps}; `sonde check` tells what is missing",
+        caps = CAPS_HINT
+    )]
+    NotPermitted {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("kernel program {0} is missing from the object")]
     MissingProgram(&'static str),
     #[error("attaching {name} to tracepoint {category}/{tracepoint} failed: {source}")]
@@ -107,6 +200,8 @@ pub struct LoadOptions {
     pub max_conns: u32,
     /// Trace only processes added with `Probes::trace_pid`.
     pub filter_pids: bool,
+    /// Insert `traceparent` into outgoing requests (sock_ops + sk_msg on cgroup v2).
+    pub propagate: bool,
 }
 
 impl Default for LoadOptions {
@@ -116,6 +211,7 @@ impl Default for LoadOptions {
             ring_bytes: 16 << 20,
             max_conns: 65536,
             filter_pids: false,
+            propagate: false,
         }
     }
 }
@@ -125,6 +221,8 @@ pub struct Probes {
     _ebpf: Ebpf,
     pids: HashMap<MapData, u32, u8>,
     counters: PerCpuArray<MapData, u64>,
+    /// The propagation socket map (its sk_msg attachment lives as long as the map).
+    _socks: Option<aya::maps::SockHash<MapData, u64>>,
     /// Tracepoints that could not be attached but are optional.
     pub skipped: Vec<String>,
 }
@@ -175,6 +273,8 @@ impl Probes {
             // on its own timer (per-event wakeups cost more than the tracing itself).
             wakeup_bytes: opts.ring_bytes / 4,
             offsets,
+            propagate: opts.propagate as u32,
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
@@ -200,6 +300,9 @@ impl Probes {
                 .and_then(|()| prog.attach(category, tracepoint).map(|_| ()));
             match res {
                 Ok(()) => {}
+                Err(source) if not_permitted(&source) => {
+                    return Err(ProbeError::NotPermitted { name, source });
+                }
                 Err(source) if !required => {
                     log::warn!(
                         "optional tracepoint {category}/{tracepoint} not attached: {source}"
@@ -216,6 +319,12 @@ impl Probes {
                 }
             }
         }
+
+        let socks = if opts.propagate {
+            Some(attach_propagation(&mut ebpf)?)
+        } else {
+            None
+        };
 
         let events = RingBuf::try_from(
             ebpf.take_map(maps::EVENTS)
@@ -237,6 +346,7 @@ impl Probes {
                 _ebpf: ebpf,
                 pids,
                 counters,
+                _socks: socks,
                 skipped,
             },
             events,

@@ -27,12 +27,13 @@ use std::{
 use agent_common::ConnId;
 
 use super::{
-    Resource, Span, SpanId, TraceContext,
+    Resource, Span, SpanId, TraceContext, TraceId,
     http::{self, Lineage, SpanOptions},
 };
 use crate::{
     clock::BootClock,
     conn::{Exchange, RequestStart, Side},
+    events::KernelCtx,
 };
 
 #[derive(Clone, Debug)]
@@ -129,7 +130,16 @@ impl Assembler {
                         flags: p.lineage.flags,
                     },
                     (Some(h), None) => Lineage::from_context(&h),
-                    (None, None) => Lineage::root(),
+                    // Propagation mode: the kernel already propagates this trace id from
+                    // this request's calls; the span must be in it.
+                    (None, None) => match st.kernel_ctx {
+                        KernelCtx::Server { trace_id } => Lineage {
+                            trace_id: TraceId(trace_id),
+                            parent: None,
+                            flags: 1,
+                        },
+                        _ => Lineage::root(),
+                    },
                 };
                 let ctx = Ctx {
                     span_id: SpanId::random(),
@@ -150,20 +160,39 @@ impl Assembler {
                 ctx
             }
             Side::Client => {
-                let lineage = match self.in_process_parent(st) {
-                    Some(p) => Lineage {
+                let injected = match st.kernel_ctx {
+                    KernelCtx::Injected { trace_id, span_id } => {
+                        Some((TraceId(trace_id), SpanId(span_id)))
+                    }
+                    _ => None,
+                };
+                let parent = self.in_process_parent(st);
+                let lineage = match (parent, injected) {
+                    // What went on the wire is the truth downstream: keep the parent only if
+                    // it is in the injected trace.
+                    (Some(p), Some((t, _))) if p.lineage.trace_id == t => Lineage {
+                        trace_id: t,
+                        parent: Some(p.span_id),
+                        flags: p.lineage.flags,
+                    },
+                    (_, Some((t, _))) => Lineage {
+                        trace_id: t,
+                        parent: None,
+                        flags: 1,
+                    },
+                    (Some(p), None) => Lineage {
                         trace_id: p.lineage.trace_id,
                         parent: Some(p.span_id),
                         flags: p.lineage.flags,
                     },
                     // The process propagates a context itself (it runs an SDK, or forwards
                     // the header): join that trace.
-                    None => header
+                    (None, None) => header
                         .map(|h| Lineage::from_context(&h))
                         .unwrap_or_else(Lineage::root),
                 };
                 let ctx = Ctx {
-                    span_id: SpanId::random(),
+                    span_id: injected.map(|(_, s)| s).unwrap_or_else(SpanId::random),
                     lineage,
                     start_ns: st.start_ns,
                 };
@@ -407,6 +436,7 @@ mod tests {
             start_ns: ts,
             tid,
             traceparent: None,
+            kernel_ctx: KernelCtx::None,
         }
     }
 
@@ -711,6 +741,77 @@ mod tests {
                 .parent_span_id
                 .is_none()
         );
+    }
+
+    /// Propagation mode across hosts (no same-host links): A's request gets the kernel's
+    /// trace; A's call carries the injected ids; B (another host) sees them as a header.
+    #[test]
+    fn kernel_chosen_ids_make_the_wire_and_the_spans_agree() {
+        let mut a = Assembler::with_links(
+            BootClock::with_offset(0),
+            SpanOptions::default(),
+            LinkOptions {
+                same_host: false,
+                ..Default::default()
+            },
+        );
+        let t = [7u8; 16];
+        let mut s = start(
+            conn(1, 5),
+            Side::Server,
+            11,
+            100,
+            "10.0.0.1:8000",
+            "10.0.0.9:4",
+        );
+        s.kernel_ctx = KernelCtx::Server { trace_id: t };
+        let mut c = start(
+            conn(1, 6),
+            Side::Client,
+            11,
+            200,
+            "10.0.0.1:5",
+            "10.0.0.2:9000",
+        );
+        c.kernel_ctx = KernelCtx::Injected {
+            trace_id: t,
+            span_id: [9; 8],
+        };
+        let mut b = start(
+            conn(2, 7),
+            Side::Server,
+            21,
+            250,
+            "10.0.0.2:9000",
+            "10.0.0.1:5",
+        );
+        b.traceparent = Some(format!("00-{}-{}-01", "07".repeat(16), "09".repeat(8)));
+        a.on_start(&s);
+        a.on_start(&c);
+        a.on_start(&b);
+        let sb = a.assemble(&exchange(&b, 300), res(2));
+        let cs = a.assemble(&exchange(&c, 350), res(1));
+        let ss = a.assemble(&exchange(&s, 400), res(1));
+        assert_eq!(ss.trace_id, TraceId(t));
+        assert_eq!(cs.span_id, SpanId([9; 8]));
+        assert_eq!(cs.parent_span_id, Some(ss.span_id));
+        assert_eq!(
+            (sb.trace_id, sb.parent_span_id),
+            (TraceId(t), Some(cs.span_id))
+        );
+        // Injected into a trace other than the parent's: the wire wins, no parent.
+        let mut d = asm();
+        d.on_start(&start(
+            conn(1, 5),
+            Side::Server,
+            11,
+            100,
+            "10.0.0.1:8000",
+            "10.0.0.9:4",
+        ));
+        d.on_start(&c);
+        let cs = d.assemble(&exchange(&c, 350), res(1));
+        assert_eq!((cs.trace_id, cs.parent_span_id), (TraceId(t), None));
     }
 
     #[test]
