@@ -113,6 +113,8 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         exchanges: Vec::with_capacity(1024),
         starts: Vec::with_capacity(64),
         spans: Vec::with_capacity(1024),
+        trace_sdk: cfg.trace_sdk_processes,
+        sdk_skipped: Default::default(),
     };
     let stop_flag = stop.clone();
     let handle = std::thread::Builder::new()
@@ -177,6 +179,8 @@ struct Pipeline {
     exchanges: Vec<Exchange>,
     starts: Vec<RequestStart>,
     spans: Vec<Span>,
+    trace_sdk: bool,
+    sdk_skipped: std::collections::HashSet<u32>,
 }
 
 impl Pipeline {
@@ -246,6 +250,7 @@ impl Pipeline {
             // Read the Resource while the process is surely alive (short-lived clients may be
             // gone by the time their exchange completes).
             self.registry.resource_or(o.conn.tgid, o.comm());
+            self.check_sdk(o.conn.tgid);
         }
         self.conns.on_event(&ev, &self.stats, &mut self.exchanges);
         self.conns.take_starts(&mut self.starts);
@@ -258,6 +263,9 @@ impl Pipeline {
             // pid is read afresh.
             self.registry.forget(tgid);
             self.assembler.forget_process(tgid);
+            if self.sdk_skipped.remove(&tgid) && !self.selector.is_filtering() {
+                self.probes.forget_pid(tgid);
+            }
             if self.selected.remove(&tgid) {
                 self.probes.forget_pid(tgid);
             }
@@ -270,8 +278,38 @@ impl Pipeline {
     fn assemble_pending(&mut self) {
         for ex in self.exchanges.drain(..) {
             let resource = self.registry.resource(ex.conn.tgid);
-            self.spans.push(self.assembler.assemble(&ex, resource));
+            let span = self.assembler.assemble(&ex, resource);
+            if self.sdk_skipped.contains(&ex.conn.tgid) {
+                Stats::inc(&self.stats.sdk_spans_skipped);
+                continue;
+            }
+            self.spans.push(span);
         }
+    }
+
+    /// A process running its own OpenTelemetry SDK already makes these spans: stop tracing
+    /// it (unless asked to), so that no request is reported twice.
+    fn check_sdk(&mut self, tgid: u32) {
+        if self.trace_sdk || self.sdk_skipped.contains(&tgid) {
+            return;
+        }
+        let Some(why) = self.registry.sdk(tgid) else {
+            return;
+        };
+        log::info!(
+            "pid {tgid} runs an OpenTelemetry SDK ({why}): not traced (--trace-sdk-processes traces it too)"
+        );
+        let res = if self.selector.is_filtering() {
+            self.selected.remove(&tgid);
+            self.probes.forget_pid(tgid);
+            Ok(())
+        } else {
+            self.probes.exclude_pid(tgid)
+        };
+        if let Err(e) = res {
+            log::warn!("cannot exclude pid {tgid}: {e}");
+        }
+        self.sdk_skipped.insert(tgid);
     }
 
     /// Hands the spans built so far to the exporter.
@@ -284,7 +322,8 @@ impl Pipeline {
     }
 
     fn rescan(&mut self) {
-        let now = self.selector.scan(Path::new("/proc"), self.self_pid);
+        let mut now = self.selector.scan(Path::new("/proc"), self.self_pid);
+        now.retain(|p| !self.sdk_skipped.contains(p));
         for &pid in now.difference(&self.selected) {
             if let Err(e) = self.probes.trace_pid(pid) {
                 log::warn!("cannot select pid {pid}: {e}");

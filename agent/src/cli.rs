@@ -91,6 +91,10 @@ pub struct RunConfig {
     /// services (sk_msg on the client sockets of traced processes; needs cgroup v2).
     #[arg(long, env = "SONDE_PROPAGATE")]
     pub propagate: bool,
+    /// Also trace processes that run an OpenTelemetry SDK themselves (by default they are
+    /// detected and skipped, so that no request gets two spans).
+    #[arg(long)]
+    pub trace_sdk_processes: bool,
     /// Do not link server requests to traced client requests of this host by socket
     /// addresses (only `traceparent` headers link processes then).
     #[arg(long)]

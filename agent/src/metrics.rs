@@ -44,6 +44,8 @@ counters! {
     requests_dropped,
     /// Spans built.
     spans,
+    /// Spans not exported because their process runs its own OpenTelemetry SDK.
+    sdk_spans_skipped,
     /// Spans dropped because the export queue was full.
     spans_queue_dropped,
     /// Spans accepted by the collector (or printed).

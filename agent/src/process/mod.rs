@@ -20,6 +20,8 @@ pub struct Registry {
     /// `--service-name GLOB=NAME` rules, for processes without OTEL_SERVICE_NAME (or that
     /// overwrite their environment, as nginx does with its process titles).
     names: Vec<(globset::GlobMatcher, String)>,
+    /// Processes found running an OpenTelemetry SDK, with the evidence.
+    sdk: HashMap<u32, String>,
 }
 
 impl Registry {
@@ -33,6 +35,7 @@ impl Registry {
             host_name: host_name(),
             cache: HashMap::new(),
             names: Vec::new(),
+            sdk: HashMap::new(),
         }
     }
 
@@ -69,13 +72,23 @@ impl Registry {
             comm,
             &self.names,
         ));
+        if let Some(marker) = sdk_marker(&self.proc_root, pid) {
+            self.sdk.insert(pid, marker);
+        }
         self.cache.insert(pid, r.clone());
         r
+    }
+
+    /// Why `pid` is believed to run an OpenTelemetry SDK (it then makes its own spans), if it
+    /// does. Known once its Resource has been read.
+    pub fn sdk(&self, pid: u32) -> Option<&str> {
+        self.sdk.get(&pid).map(String::as_str)
     }
 
     /// The process exited: its next incarnation (pid reuse) must be read afresh.
     pub fn forget(&mut self, pid: u32) {
         self.cache.remove(&pid);
+        self.sdk.remove(&pid);
     }
 
     pub fn len(&self) -> usize {
@@ -155,6 +168,36 @@ pub fn start_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
     // The command name may contain spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Evidence that a process runs an OpenTelemetry SDK or auto-instrumentation agent, from its
+/// command line and environment: `opentelemetry-instrument` (Python), `--require
+/// @opentelemetry/...` or NODE_OPTIONS (Node), `-javaagent:...opentelemetry...` (Java), the
+/// .NET auto-instrumentation profiler, or PYTHONPATH pointing into opentelemetry's
+/// auto-instrumentation. An SDK set up in code alone leaves no such trace: use `--pid`/`--exe`
+/// selection for those.
+pub fn sdk_marker(proc_root: &Path, pid: u32) -> Option<String> {
+    let dir = proc_root.join(pid.to_string());
+    let args = fs::read(dir.join("cmdline")).ok().unwrap_or_default();
+    for a in args.split(|&c| c == 0) {
+        let a = String::from_utf8_lossy(a);
+        if a.contains("opentelemetry") {
+            return Some(format!("command line: {a}"));
+        }
+    }
+    for (k, v) in environ(proc_root, pid) {
+        let hit = match k.as_str() {
+            "NODE_OPTIONS" | "JAVA_TOOL_OPTIONS" | "PYTHONPATH" | "_JAVA_OPTIONS" => {
+                v.contains("opentelemetry")
+            }
+            "OTEL_DOTNET_AUTO_HOME" => true,
+            _ => false,
+        };
+        if hit {
+            return Some(format!("environment: {k}"));
+        }
+    }
+    None
 }
 
 /// Command lines can carry credentials (`curl -H 'Authorization: …'`, `--password x`,
@@ -503,6 +546,18 @@ mod tests {
                 .with_service_names(&["nope".into()])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn detects_sdk_processes() {
+        let d = fake_proc(20, b"PATH=/bin\0", b"/usr/bin/opentelemetry-instrument\0python\0app.py\0");
+        let mut reg = Registry::with_proc_root(&d.0);
+        reg.resource(20);
+        assert!(reg.sdk(20).unwrap().contains("opentelemetry-instrument"));
+        let d = fake_proc(21, b"NODE_OPTIONS=--require @opentelemetry/auto-instrumentations-node/register\0", b"node\0app.js\0");
+        assert_eq!(sdk_marker(&d.0, 21).as_deref(), Some("environment: NODE_OPTIONS"));
+        let d = fake_proc(22, b"OTEL_SERVICE_NAME=plain\0", b"python3\0app.py\0");
+        assert_eq!(sdk_marker(&d.0, 22), None, "OTEL_SERVICE_NAME alone is no SDK");
     }
 
     #[test]
