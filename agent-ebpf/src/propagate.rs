@@ -423,6 +423,13 @@ fn inject(ctx: &SkMsgContext) {
         unsafe { *((data + w) as *mut u8) = line[w] };
         w += 1;
     }
+    // One contiguous message, so it leaves as one segment: split in parts, the tail could wait
+    // behind Nagle's algorithm for the peer's delayed ACK (40 ms per request).
+    let total = size + TRACEPARENT_LINE_LEN;
+    if total <= MAX_CAPTURE {
+        // SAFETY: valid context; the whole message.
+        let _ = unsafe { bpf_msg_pull_data(ctx.msg, 0, total as u32, 0) };
+    }
     count(Counter::Injected);
     let _ = INJECTED.insert(
         &id,

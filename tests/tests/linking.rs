@@ -15,18 +15,25 @@ fn connected_traces(spans: &[ReceivedSpan], a: &str, b: &str, path_prefix: &str)
     for a_srv in spans.iter().filter(|s| {
         s.service() == Some(a)
             && s.kind == SERVER
-            && s.attr("url.path").is_some_and(|p| p.starts_with(path_prefix))
+            && s.attr("url.path")
+                .is_some_and(|p| p.starts_with(path_prefix))
     }) {
         let kids: Vec<&ReceivedSpan> = spans
             .iter()
-            .filter(|s| s.parent_span_id == a_srv.span_id && s.service() == Some(a) && s.kind == CLIENT)
+            .filter(|s| {
+                s.parent_span_id == a_srv.span_id && s.service() == Some(a) && s.kind == CLIENT
+            })
             .collect();
         let [a_cli] = kids.as_slice() else { continue };
         let grandkids: Vec<&ReceivedSpan> = spans
             .iter()
-            .filter(|s| s.parent_span_id == a_cli.span_id && s.service() == Some(b) && s.kind == SERVER)
+            .filter(|s| {
+                s.parent_span_id == a_cli.span_id && s.service() == Some(b) && s.kind == SERVER
+            })
             .collect();
-        let [b_srv] = grandkids.as_slice() else { continue };
+        let [b_srv] = grandkids.as_slice() else {
+            continue;
+        };
         let same_trace = a_srv.trace_id == a_cli.trace_id && a_cli.trace_id == b_srv.trace_id;
         // The B request served must be the one this A request made (no cross-talk): A's
         // client span's url.full carries the same marker as B's url.query.
@@ -76,7 +83,10 @@ async fn run_scenario(concurrency: usize, total: usize) {
                 );
                 let mut c = Raw::connect(a_port);
                 let path = url.trim_start_matches(&format!("http://127.0.0.1:{a_port}"));
-                c.send(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes());
+                c.send(
+                    format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
                 assert_eq!(c.read_responses(&[false]), vec![200]);
             }
         }));
@@ -86,14 +96,25 @@ async fn run_scenario(concurrency: usize, total: usize) {
     }
     let spans = rx
         .wait_for(
-            |s| s.iter().filter(|x| x.service() == Some("svc-b") && x.kind == SERVER).count() >= total,
+            |s| {
+                s.iter()
+                    .filter(|x| x.service() == Some("svc-b") && x.kind == SERVER)
+                    .count()
+                    >= total
+            },
             Duration::from_secs(30),
         )
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let spans = if spans.len() < 3 * total { rx.spans() } else { spans };
+    let spans = if spans.len() < 3 * total {
+        rx.spans()
+    } else {
+        spans
+    };
     let connected = connected_traces(&spans, "svc-a", "svc-b", "/call/");
-    eprintln!("{connected}/{total} requests produced a fully connected trace ({concurrency} concurrent)");
+    eprintln!(
+        "{connected}/{total} requests produced a fully connected trace ({concurrency} concurrent)"
+    );
     let log = sonde.stop();
     assert_eq!(connected, total, "every request fully connected\n{log}");
 }

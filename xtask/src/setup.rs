@@ -13,7 +13,12 @@ use crate::util::{self, have};
 
 /// Debian packages: (binary to look for, package).
 const APT_DEMO: &[(&str, &str)] = &[("nginx", "nginx"), ("curl", "curl")];
-const APT_TESTS: &[(&str, &str)] = &[("ip", "iproute2"), ("capsh", "libcap2-bin"), ("wrk", "wrk")];
+const APT_TESTS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("capsh", "libcap2-bin"),
+    ("wrk", "wrk"),
+    ("bpftool", "bpftool"),
+];
 
 /// Where project-owned tools live across runs (not inside the clone: CI clones afresh).
 pub fn tools_dir() -> PathBuf {
@@ -77,7 +82,72 @@ pub fn setup(for_tests: bool) -> Result<()> {
         pkgs.extend_from_slice(APT_TESTS);
     }
     ensure_apt(&pkgs)?;
+    if for_tests {
+        ensure_python_peers()?;
+        ensure_node_peers()?;
+    }
     Ok(())
+}
+
+/// The OpenTelemetry Python SDK peers of the interop tests (Flask under
+/// `opentelemetry-instrument`).
+const PIP_PEERS: &[&str] = &[
+    "flask",
+    "requests",
+    "opentelemetry-distro",
+    "opentelemetry-exporter-otlp-proto-http",
+    "opentelemetry-instrumentation-flask",
+    "opentelemetry-instrumentation-requests",
+];
+
+fn ensure_python_peers() -> Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", "import flask, requests, opentelemetry.instrumentation.flask, opentelemetry.exporter.otlp.proto.http"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && have("opentelemetry-instrument");
+    if present {
+        return Ok(());
+    }
+    eprintln!("setup: pip install {}", PIP_PEERS.join(" "));
+    util::run(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(PIP_PEERS),
+    )?;
+    // pyenv installs console scripts behind shims that need a rehash.
+    if have("pyenv") {
+        let _ = Command::new("pyenv").arg("rehash").status();
+    }
+    Ok(())
+}
+
+/// express and the OpenTelemetry Node SDK, from tests/node/package-lock.json.
+fn ensure_node_peers() -> Result<()> {
+    let dir = util::workspace_root().join("tests/node");
+    if dir
+        .join("node_modules/@opentelemetry/auto-instrumentations-node")
+        .is_dir()
+        && dir.join("node_modules/express").is_dir()
+    {
+        return Ok(());
+    }
+    if !have("npm") {
+        bail!("npm is needed for the Node interop tests: install nodejs and npm");
+    }
+    eprintln!("setup: npm ci in tests/node");
+    util::run(Command::new("npm").current_dir(&dir).args([
+        "ci",
+        "--no-audit",
+        "--no-fund",
+        "--loglevel=error",
+    ]))
 }
 
 fn ensure_rust_src(tc: &Toolchain) -> Result<()> {

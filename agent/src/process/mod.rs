@@ -550,14 +550,29 @@ mod tests {
 
     #[test]
     fn detects_sdk_processes() {
-        let d = fake_proc(20, b"PATH=/bin\0", b"/usr/bin/opentelemetry-instrument\0python\0app.py\0");
+        let d = fake_proc(
+            20,
+            b"PATH=/bin\0",
+            b"/usr/bin/opentelemetry-instrument\0python\0app.py\0",
+        );
         let mut reg = Registry::with_proc_root(&d.0);
         reg.resource(20);
         assert!(reg.sdk(20).unwrap().contains("opentelemetry-instrument"));
-        let d = fake_proc(21, b"NODE_OPTIONS=--require @opentelemetry/auto-instrumentations-node/register\0", b"node\0app.js\0");
-        assert_eq!(sdk_marker(&d.0, 21).as_deref(), Some("environment: NODE_OPTIONS"));
+        let d = fake_proc(
+            21,
+            b"NODE_OPTIONS=--require @opentelemetry/auto-instrumentations-node/register\0",
+            b"node\0app.js\0",
+        );
+        assert_eq!(
+            sdk_marker(&d.0, 21).as_deref(),
+            Some("environment: NODE_OPTIONS")
+        );
         let d = fake_proc(22, b"OTEL_SERVICE_NAME=plain\0", b"python3\0app.py\0");
-        assert_eq!(sdk_marker(&d.0, 22), None, "OTEL_SERVICE_NAME alone is no SDK");
+        assert_eq!(
+            sdk_marker(&d.0, 22),
+            None,
+            "OTEL_SERVICE_NAME alone is no SDK"
+        );
     }
 
     #[test]
