@@ -169,9 +169,10 @@ pub struct ConnState {
     pub role: u8,
     /// `CONN_F_*` bits.
     pub flags: u8,
-    /// Peer port (host order), for the exporter-connection check.
+    /// Peer and local ports (host order), for the exporter-connection check.
     pub remote_port: u16,
-    pub _pad: [u8; 4],
+    pub local_port: u16,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<ConnState>() == 32);
 

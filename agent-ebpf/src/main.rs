@@ -72,7 +72,14 @@ static ARGS: LruHashMap<u64, SyscallArgs> = LruHashMap::with_max_entries(16384, 
 static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 /// Local ports of sonde's own outgoing connections: the other end of those is a collector.
 #[map]
-static SELF_PORTS: LruHashMap<u16, u8> = LruHashMap::with_max_entries(4096, 0);
+/// Key: sonde's local port << 16 | the collector's port. A source port is only unique per
+/// destination, so the pair is what identifies sonde's own connection.
+static SELF_PORTS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn self_key(sonde_port: u16, collector_port: u16) -> u32 {
+    (sonde_port as u32) << 16 | collector_port as u32
+}
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 #[map]
@@ -295,11 +302,14 @@ fn track(tgid: u32, tid: u32, fd: u32, role: u8) -> Option<ConnState> {
         role,
         flags: 0,
         remote_port: ev.remote_port,
-        _pad: [0; 4],
+        local_port: ev.local_port,
+        _pad: [0; 2],
     };
     // The far end of sonde's own exporter connection is a collector: never trace it.
     // SAFETY: plain lookup.
-    if role != ROLE_CLIENT && unsafe { SELF_PORTS.get(&ev.remote_port) }.is_some() {
+    if role != ROLE_CLIENT
+        && unsafe { SELF_PORTS.get(&self_key(ev.remote_port, ev.local_port)) }.is_some()
+    {
         st.flags = CONN_F_IGNORE;
         count(Counter::SelfConnsSkipped);
     }
@@ -374,8 +384,10 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     if tgid == cfg_u32(addr_of!(CONFIG.self_tgid)) {
         // Remember our own local port so the collector's side of this connection is skipped.
         if let Some(sk) = tcp_sock(fd) {
-            if let Some(port) = read_kernel::<u16>(sk, cfg_u32(addr_of!(offsets().sk_num))) {
-                let _ = SELF_PORTS.insert(&port, &1, 0);
+            let local = read_kernel::<u16>(sk, cfg_u32(addr_of!(offsets().sk_num)));
+            let remote = read_kernel::<u16>(sk, cfg_u32(addr_of!(offsets().sk_dport)));
+            if let (Some(l), Some(r)) = (local, remote) {
+                let _ = SELF_PORTS.insert(&self_key(l, u16::from_be(r)), &1, 0);
             }
         }
         return 0;
@@ -497,7 +509,7 @@ fn data_enter(ctx: &TracePointContext, kind: u8, syscall: u8) {
 fn check_peer(key: u64, st: &ConnState, tgid: u32, fd: u32) -> bool {
     let mut updated = *st;
     // SAFETY: plain lookup.
-    let ours = unsafe { SELF_PORTS.get(&st.remote_port) }.is_some();
+    let ours = unsafe { SELF_PORTS.get(&self_key(st.remote_port, st.local_port)) }.is_some();
     updated.flags |= if ours { CONN_F_IGNORE } else { CONN_F_CHECKED };
     let _ = CONNS.insert(&key, &updated, 0);
     if ours {

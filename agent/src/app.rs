@@ -189,14 +189,23 @@ impl Pipeline {
         let mut last_expire = Instant::now();
         let mut last_scan = Instant::now();
         let mut last_stats = Instant::now();
+        // Idle backoff: while nothing arrives, poll less often (up to 8× --drain-ms). The
+        // kernel still wakes us early when the buffer fills, so bursts are not delayed.
+        let mut wait = self.drain;
         loop {
             let stopping = stop.load(Ordering::Relaxed);
             if !stopping {
-                wait_readable(&ring, self.drain);
+                wait_readable(&ring, wait);
             }
+            let before = reorder.len();
             while let Some(item) = ring.next() {
                 reorder.push(&item);
             }
+            wait = if reorder.len() > before {
+                self.drain
+            } else {
+                (wait * 2).min(self.drain * 8)
+            };
             // Hold back what is younger than the reorder window, so that records committed
             // late by another CPU still take their place in timestamp order.
             let until = if stopping {

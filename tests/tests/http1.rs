@@ -55,10 +55,8 @@ async fn python_server_and_curl_client_over_grpc() {
     assert_eq!(attr(s, "network.protocol.version"), "1.1");
     assert_eq!(attr(s, "user_agent.original"), "sonde-test/1.0");
     assert_eq!(s.status_code, 0, "200 leaves status unset");
-    assert!(
-        s.parent_span_id.is_empty(),
-        "no incoming traceparent: a root span"
-    );
+    // No traceparent was sent, but curl is traced on this host too: the server span is the
+    // child of curl's client span (checked below).
     assert_eq!(s.trace_id.len(), 32);
     assert!(s.end_ns >= s.start_ns && s.end_ns - s.start_ns < 5_000_000_000);
     let now = std::time::SystemTime::now()
@@ -84,7 +82,11 @@ async fn python_server_and_curl_client_over_grpc() {
     // curl's side: a CLIENT span in curl's own Resource.
     let client: Vec<_> = spans
         .iter()
-        .filter(|x| x.kind == CLIENT && x.res("process.executable.name") == Some("curl"))
+        .filter(|x| {
+            x.kind == CLIENT
+                && x.res("process.executable.name") == Some("curl")
+                && x.attr("server.port") == Some(port.to_string().as_str())
+        })
         .collect();
     assert_eq!(client.len(), 1, "one curl client span: {client:?}");
     let c = client[0];
@@ -95,6 +97,12 @@ async fn python_server_and_curl_client_over_grpc() {
     assert_eq!(attr(c, "server.address"), "127.0.0.1");
     assert_eq!(attr(c, "server.port"), port.to_string());
     assert_eq!(attr(c, "http.response.status_code"), "200");
+    assert_eq!(
+        (&s.trace_id, &s.parent_span_id),
+        (&c.trace_id, &c.span_id),
+        "same-host link"
+    );
+    assert!(c.parent_span_id.is_empty(), "curl's request is the root");
     sonde.stop();
 }
 
