@@ -17,6 +17,7 @@ pub mod conn;
 pub mod events;
 pub mod export;
 pub mod metrics;
+pub mod metrics_server;
 pub mod probes;
 pub mod process;
 pub mod protocol;

@@ -1,6 +1,1256 @@
-//! Benchmarks (not tests): figures and ratios measured side by side in one run.
-use anyhow::{Result, bail};
+//! Benchmarks (not tests): figures and ratios measured side by side in one run, printed as a
+//! Markdown report (also written to `target/bench-report.md`).
+//!
+//! 1. Cost per request at fixed rates: nginx (keep-alive, `return 200`) driven by a
+//!    rate-limited generator, without and with `sonde run --exe <nginx> --output otlp`
+//!    exporting to a lean local OTLP/HTTP receiver (spans counted). CPU from
+//!    /proc/PID/task/*/schedstat (ns), cross-checked with utime+stime of /proc/PID/stat.
+//! 2. Saturation: nginx + wrk, no sonde / hooks attached but matching nothing / tracing,
+//!    alternating rounds, medians.
+//! 3. Pipeline: recorded events replayed through reassembly → parse → span → OTLP encode on
+//!    one thread (`agent/examples/bench.rs pipeline`).
+//! 4. Export throughput over gRPC and HTTP/protobuf (`agent/examples/bench.rs export`), and
+//!    sonde's RSS idle and with 10k open connections.
+mod load;
+mod procs;
+mod receiver;
 
-pub fn run(_quick: bool) -> Result<()> {
-    bail!("benchmarks are not implemented yet")
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{setup, util};
+use load::{Histogram, LoadResult};
+use procs::{Cpu, Nginx, Proc, Sonde, SondeStats};
+use receiver::Receiver;
+
+/// What to run; `--quick` is a shorter smoke run of everything.
+struct Plan {
+    rates: Vec<u64>,
+    rate_secs: u64,
+    /// Rounds per rate, alternating the order (without, with / with, without).
+    rate_rounds: usize,
+    /// Keep-alive connections of the fixed-rate generator.
+    conns: usize,
+    sat_rounds: usize,
+    sat_secs: u64,
+    pipeline_exchanges: usize,
+    pipeline_reps: usize,
+    export_spans: usize,
+    hold_conns: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                rates: vec![10_000, 50_000],
+                rate_secs: 3,
+                rate_rounds: 1,
+                conns: 16,
+                sat_rounds: 1,
+                sat_secs: 3,
+                pipeline_exchanges: 100_000,
+                pipeline_reps: 1,
+                export_spans: 50_000,
+                hold_conns: 10_000,
+            }
+        } else {
+            Plan {
+                rates: vec![2_000, 10_000, 50_000],
+                rate_secs: 10,
+                rate_rounds: 2,
+                conns: 16,
+                sat_rounds: 3,
+                sat_secs: 10,
+                pipeline_exchanges: 200_000,
+                pipeline_reps: 3,
+                export_spans: 200_000,
+                hold_conns: 10_000,
+            }
+        }
+    }
+}
+
+pub fn run(quick: bool) -> Result<()> {
+    let started = Instant::now();
+    setup::setup(true)?;
+    let sonde = setup::build_release()?;
+    let example = build_example()?;
+    let plan = Plan::new(quick);
+    let nofile = procs::raise_nofile(65_536)?;
+    if (plan.hold_conns as u64) + 1024 > nofile {
+        bail!(
+            "RLIMIT_NOFILE is {nofile}: too low for {} connections",
+            plan.hold_conns
+        );
+    }
+
+    let machine = procs::machine();
+    eprintln!("bench: {machine}");
+    let nginx = Nginx::start(nofile)?;
+    let rx = Receiver::start()?;
+    let wrk = wrk_version();
+    let header = format!(
+        "Machine: {machine}.  \nnginx {} (1 worker), {wrk}; all traffic on 127.0.0.1; sonde \
+         exports OTLP/HTTP (protobuf, uncompressed, default batching) to a local receiver that \
+         counts spans. Run: `cargo xtask bench{}`. Other jobs may share this machine: figures \
+         are as measured, not cleaned up.",
+        nginx.version,
+        if quick { " --quick" } else { "" }
+    );
+
+    let mut raw = String::new();
+    let fixed = fixed_rates(&plan, &sonde, &nginx, &rx, &mut raw)?;
+    let sat = saturation(&plan, &sonde, &nginx, &rx, &mut raw)?;
+    let pipe = pipeline(&plan, &example)?;
+    let export = export(&plan, &example)?;
+    let mem = memory(&plan, &sonde, &nginx, &rx)?;
+    if rx.rejected() > 0 {
+        let line = format!(
+            "- warning: the OTLP receiver rejected {} export requests (not counted)",
+            rx.rejected()
+        );
+        eprintln!("bench: {line}");
+        raw.push_str(&line);
+        raw.push('\n');
+    }
+    drop(rx);
+    drop(nginx);
+
+    let report = render(
+        &plan, &header, &fixed, &sat, &pipe, &export, &mem, &raw, started,
+    );
+    println!("{report}");
+    let path = util::workspace_root().join("target/bench-report.md");
+    fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "bench: report written to {} ({:.0} s in all)",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Builds `agent/examples/bench.rs` in release mode. Same PATH as `setup::build_release`
+/// (bpf-linker first): the agent's build script watches PATH, so a different one would
+/// rebuild the kernel programs each time.
+fn build_example() -> Result<PathBuf> {
+    let root = util::workspace_root();
+    let sysroot = util::output(
+        Command::new("rustc")
+            .current_dir(&root)
+            .args(["--print", "sysroot"]),
+    )?;
+    let toolchain = Path::new(sysroot.trim())
+        .file_name()
+        .context("odd sysroot")?
+        .to_string_lossy()
+        .into_owned();
+    let mut paths = vec![
+        setup::tools_dir()
+            .join(format!("bpf-linker-{toolchain}"))
+            .join("bin"),
+    ];
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    util::run(
+        util::cargo()
+            .current_dir(&root)
+            .env("PATH", std::env::join_paths(paths)?)
+            .args(["build", "--release", "-p", "agent", "--example", "bench"]),
+    )?;
+    Ok(root.join("target/release/examples/bench"))
+}
+
+fn wrk_version() -> String {
+    Command::new("wrk")
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let first = text.lines().next()?.to_string();
+            Some(first.split(" [").next().unwrap_or(&first).to_string())
+        })
+        .unwrap_or_else(|| "wrk".into())
+}
+
+/// `--exe` selecting exactly our nginx.
+fn select_nginx(nginx: &Nginx) -> Vec<String> {
+    vec!["--exe".into(), nginx.exe.to_string_lossy().into_owned()]
+}
+
+// ---- 1. fixed rates ---------------------------------------------------------------------
+
+#[derive(Default)]
+struct RateSide {
+    requests: u64,
+    errors: u64,
+    late: u64,
+    secs: f64,
+    hist: Histogram,
+    client_cpu_ns: u64,
+    nginx_cpu: Cpu,
+    sonde_cpu: Cpu,
+    spans: u64,
+    stats: SondeStats,
+    /// Per round: nginx CPU per request (µs), p50 and p99 (µs): their spread is the noise.
+    rounds: Vec<[f64; 3]>,
+    /// Per round: cores other jobs used meanwhile.
+    foreign: Vec<f64>,
+}
+
+impl RateSide {
+    fn add(&mut self, l: &LoadResult, nginx_cpu: Cpu, foreign: f64) {
+        self.foreign.push(foreign);
+        self.rounds.push([
+            nginx_cpu.ns() as f64 / 1e3 / l.ok.max(1) as f64,
+            l.hist.quantile(0.5) as f64 / 1e3,
+            l.hist.quantile(0.99) as f64 / 1e3,
+        ]);
+        self.requests += l.ok;
+        self.errors += l.errors;
+        self.late += l.late;
+        self.secs += l.wall.as_secs_f64();
+        self.hist.merge(&l.hist);
+        self.client_cpu_ns += l.client_cpu_ns;
+        self.nginx_cpu = self.nginx_cpu + nginx_cpu;
+    }
+
+    fn per_req_us(&self, ns: u64) -> f64 {
+        ns as f64 / 1e3 / self.requests.max(1) as f64
+    }
+
+    /// Max − min over rounds of per-round figure `i` (see `rounds`).
+    fn spread(&self, i: usize) -> f64 {
+        let v = self.rounds.iter().map(|r| r[i]);
+        v.clone().fold(f64::NEG_INFINITY, f64::max) - v.fold(f64::INFINITY, f64::min)
+    }
+
+    /// The generator fell behind its schedule (> 1% of requests sent > 1 ms late), or other
+    /// jobs took more than 0.2 cores in some round.
+    fn disturbed(&self) -> bool {
+        self.late * 100 > self.requests + self.errors
+            || self.foreign.iter().any(|&f| f > FOREIGN_LIMIT)
+    }
+
+    fn foreign_max(&self) -> f64 {
+        self.foreign.iter().copied().fold(0.0, f64::max)
+    }
+
+    /// Share of requests sent more than 1 ms after their due time, and errors if any.
+    fn late_share(&self) -> String {
+        let mut s = format!(
+            "{:.1}%",
+            100.0 * self.late as f64 / (self.requests + self.errors).max(1) as f64
+        );
+        if self.errors > 0 {
+            let _ = write!(s, " ({} errors)", self.errors);
+        }
+        s
+    }
+
+    fn p(&self, q: f64) -> f64 {
+        self.hist.quantile(q) as f64 / 1e3
+    }
+}
+
+struct RateRow {
+    rate: u64,
+    without: RateSide,
+    with: RateSide,
+    /// From an extra run with BPF statistics on: (program ns, program runs, requests).
+    bpf: Option<(u64, u64, u64)>,
+}
+
+impl RateRow {
+    fn bpf_us(&self) -> Option<f64> {
+        self.bpf
+            .map(|(ns, _, reqs)| ns as f64 / 1e3 / reqs.max(1) as f64)
+    }
+}
+
+/// Cores other jobs may take during a run before a comparison is called noisy.
+const FOREIGN_LIMIT: f64 = 0.2;
+
+fn fixed_rates(
+    plan: &Plan,
+    sonde: &Path,
+    nginx: &Nginx,
+    rx: &Receiver,
+    raw: &mut String,
+) -> Result<Vec<RateRow>> {
+    let dur = Duration::from_secs(plan.rate_secs);
+    let mut rows = Vec::new();
+    for &rate in &plan.rates {
+        let mut row = RateRow {
+            rate,
+            without: RateSide::default(),
+            with: RateSide::default(),
+            bpf: None,
+        };
+        for round in 0..plan.rate_rounds {
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for traced in order {
+                eprintln!(
+                    "bench: [1] {rate} req/s for {} s, {} sonde (round {})",
+                    plan.rate_secs,
+                    if traced { "with" } else { "without" },
+                    round + 1
+                );
+                if !traced {
+                    let (n0, w) = (nginx.cpu(), procs::Window::start());
+                    let l = load::fixed_rate(nginx.port, rate, dur, plan.conns)?;
+                    let n = nginx.cpu().since(&n0);
+                    let foreign = w.foreign_cores(n.ns());
+                    log_rate_run(raw, rate, "without", &l, n, foreign, None);
+                    row.without.add(&l, n, foreign);
+                    continue;
+                }
+                rx.reset();
+                let s = Sonde::start(sonde, &select_nginx(nginx), &rx.endpoint())?;
+                std::thread::sleep(Duration::from_millis(300));
+                let (c0, n0, w) = (Cpu::of(s.pid()), nginx.cpu(), procs::Window::start());
+                let l = load::fixed_rate(nginx.port, rate, dur, plan.conns)?;
+                let n = nginx.cpu().since(&n0);
+                let foreign = w.foreign_cores(n.ns() + Cpu::of(s.pid()).since(&c0).ns());
+                // Every span exported (sonde sends a batch at least every second).
+                rx.settle(l.ok, Duration::from_secs(3));
+                let c = Cpu::of(s.pid()).since(&c0);
+                let stats = s.stop()?;
+                let spans = rx.spans();
+                log_rate_run(raw, rate, "with", &l, n, foreign, Some((c, spans, &stats)));
+                row.with.add(&l, n, foreign);
+                row.with.sonde_cpu = row.with.sonde_cpu + c;
+                row.with.spans += spans;
+                procs::add_stats(&mut row.with.stats, &stats);
+            }
+        }
+        row.bpf = bpf_run(plan, rate, sonde, nginx, rx, raw)?;
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// One more run with sonde and the kernel's BPF run-time statistics on (they cost a little
+/// themselves, so the runs above go without): time spent in sonde's programs per request.
+/// Every hooked syscall on the machine counts (the generator's and other jobs' ones are
+/// filtered out early but still run the program), so this bounds nginx's share from above.
+fn bpf_run(
+    plan: &Plan,
+    rate: u64,
+    sonde: &Path,
+    nginx: &Nginx,
+    rx: &Receiver,
+    raw: &mut String,
+) -> Result<Option<(u64, u64, u64)>> {
+    let stats_on = match procs::BpfStats::enable() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bench: no BPF run-time statistics: {e}");
+            return Ok(None);
+        }
+    };
+    let secs = plan.rate_secs.min(5);
+    eprintln!("bench: [1] {rate} req/s for {secs} s, with sonde and BPF run-time statistics");
+    rx.reset();
+    let s = Sonde::start(sonde, &select_nginx(nginx), &rx.endpoint())?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (ns0, runs0) = procs::bpf_run_time(s.pid());
+    let l = load::fixed_rate(nginx.port, rate, Duration::from_secs(secs), plan.conns)?;
+    let (ns1, runs1) = procs::bpf_run_time(s.pid());
+    drop(stats_on);
+    rx.settle(l.ok, Duration::from_secs(3));
+    let stats = s.stop()?;
+    let (ns, runs) = (ns1 - ns0, runs1 - runs0);
+    let line = format!(
+        "- {rate} req/s with sonde, BPF statistics on: {} ok; sonde's programs ran {runs} times \
+         ({:.1} per request) for {:.2} ms = {:.2} µs per request; {} spans; {}; losses: {}",
+        l.ok,
+        runs as f64 / l.ok.max(1) as f64,
+        ns as f64 / 1e6,
+        ns as f64 / 1e3 / l.ok.max(1) as f64,
+        rx.spans(),
+        procs::summary(&stats),
+        procs::losses(&stats)
+    );
+    eprintln!("bench: {line}");
+    raw.push_str(&line);
+    raw.push('\n');
+    Ok(Some((ns, runs, l.ok)))
+}
+
+fn log_rate_run(
+    raw: &mut String,
+    rate: u64,
+    side: &str,
+    l: &LoadResult,
+    nginx: Cpu,
+    foreign: f64,
+    sonde: Option<(Cpu, u64, &SondeStats)>,
+) {
+    let per = |ns: u64| ns as f64 / 1e3 / l.ok.max(1) as f64;
+    let mut line = format!(
+        "- {rate} req/s {side} sonde: {} ok, {} errors, {} late, {:.2} s; p50 {:.1} µs, p99 \
+         {:.1} µs; nginx {:.2} µs/req ({:.2} by ticks); client {:.2} µs/req; other jobs \
+         {foreign:.2} cores",
+        l.ok,
+        l.errors,
+        l.late,
+        l.wall.as_secs_f64(),
+        l.hist.quantile(0.5) as f64 / 1e3,
+        l.hist.quantile(0.99) as f64 / 1e3,
+        per(nginx.sched_ns),
+        per(nginx.ticks_ns),
+        per(l.client_cpu_ns),
+    );
+    if let Some((c, spans, stats)) = sonde {
+        let _ = write!(
+            line,
+            "; sonde {:.2} µs/req ({:.2} by ticks); {spans} spans received; {}; losses: {}",
+            per(c.sched_ns),
+            per(c.ticks_ns),
+            procs::summary(stats),
+            procs::losses(stats)
+        );
+    }
+    eprintln!("bench: {line}");
+    raw.push_str(&line);
+    raw.push('\n');
+}
+
+// ---- 2. saturation ----------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Mode {
+    NoSonde,
+    Hooks,
+    Tracing,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::NoSonde => "no sonde",
+            Mode::Hooks => "hooks only (sonde --pid <idle process>)",
+            Mode::Tracing => "tracing nginx, exporting OTLP",
+        }
+    }
+}
+
+#[derive(Default)]
+struct SatMode {
+    rps: Vec<f64>,
+    requests: u64,
+    spans: u64,
+    sonde_cores: Vec<f64>,
+    stats: SondeStats,
+    /// Rounds in which spans < requests.
+    short_rounds: usize,
+    /// Per round: cores other jobs used meanwhile.
+    foreign: Vec<f64>,
+}
+
+impl SatMode {
+    fn median_rps(&self) -> f64 {
+        median(&self.rps)
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn saturation(
+    plan: &Plan,
+    sonde: &Path,
+    nginx: &Nginx,
+    rx: &Receiver,
+    raw: &mut String,
+) -> Result<BTreeMap<Mode, SatMode>> {
+    let idle = Proc::spawn("sleep", Command::new("sleep").arg("100000"))?;
+    let modes = [Mode::NoSonde, Mode::Hooks, Mode::Tracing];
+    let mut out: BTreeMap<Mode, SatMode> = BTreeMap::new();
+    for round in 0..plan.sat_rounds {
+        for i in 0..modes.len() {
+            // Rotate the order every round so that no mode always runs first.
+            let mode = modes[(i + round) % modes.len()];
+            eprintln!(
+                "bench: [2] saturation round {}: {}, wrk -t1 -c50 -d{}s",
+                round + 1,
+                mode.label(),
+                plan.sat_secs
+            );
+            rx.reset();
+            let s = match mode {
+                Mode::NoSonde => None,
+                Mode::Hooks => Some(Sonde::start(
+                    sonde,
+                    &["--pid".into(), idle.pid().to_string()],
+                    &rx.endpoint(),
+                )?),
+                Mode::Tracing => Some(Sonde::start(sonde, &select_nginx(nginx), &rx.endpoint())?),
+            };
+            if s.is_some() {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let c0 = s.as_ref().map(|s| Cpu::of(s.pid()));
+            let (n0, w) = (nginx.cpu(), procs::Window::start());
+            let (requests, secs, rps) = wrk(nginx.port, plan.sat_secs)?;
+            let sonde_ns = match (&s, c0) {
+                (Some(s), Some(c0)) => Cpu::of(s.pid()).since(&c0).ns(),
+                _ => 0,
+            };
+            let foreign = w.foreign_cores(nginx.cpu().since(&n0).ns() + sonde_ns);
+            let cores = sonde_ns as f64 / 1e9 / secs;
+            let m = out.entry(mode).or_default();
+            m.rps.push(rps);
+            m.requests += requests;
+            m.foreign.push(foreign);
+            let mut line = format!(
+                "- saturation round {}, {}: {requests} requests in {secs:.2} s = {rps:.0} req/s; \
+                 other jobs {foreign:.2} cores",
+                round + 1,
+                mode.label()
+            );
+            if let Some(s) = s {
+                if mode == Mode::Tracing {
+                    rx.settle(requests, Duration::from_secs(3));
+                }
+                let stats = s.stop()?;
+                m.sonde_cores.push(cores);
+                let _ = write!(line, "; sonde {cores:.2} cores");
+                if mode == Mode::Tracing {
+                    let spans = rx.spans();
+                    m.spans += spans;
+                    if spans < requests {
+                        m.short_rounds += 1;
+                    }
+                    let _ = write!(
+                        line,
+                        "; {spans} spans received in {} OTLP requests; {}; losses: {}",
+                        rx.requests(),
+                        procs::summary(&stats),
+                        procs::losses(&stats)
+                    );
+                }
+                procs::add_stats(&mut m.stats, &stats);
+            }
+            eprintln!("bench: {line}");
+            raw.push_str(&line);
+            raw.push('\n');
+        }
+    }
+    drop(idle);
+    Ok(out)
+}
+
+/// Runs wrk; returns (requests, seconds, requests/s).
+fn wrk(port: u16, secs: u64) -> Result<(u64, f64, f64)> {
+    let out = util::output(Command::new("wrk").args([
+        "-t1",
+        "-c50",
+        &format!("-d{secs}s"),
+        &format!("http://127.0.0.1:{port}/ok"),
+    ]))?;
+    let line = out
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .with_context(|| format!("no request count in wrk's output:\n{out}"))?;
+    let mut words = line.split_whitespace();
+    let requests: u64 = words.next().unwrap_or("").parse()?;
+    let dur = words.nth(2).unwrap_or("").trim_end_matches(',').to_string();
+    let secs = parse_wrk_duration(&dur).with_context(|| format!("wrk duration {dur:?}"))?;
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(requests as f64 / secs);
+    if out.contains("Non-2xx") || out.contains("Socket errors") {
+        eprintln!("bench: wrk reported errors:\n{out}");
+    }
+    Ok((requests, secs, rps))
+}
+
+fn parse_wrk_duration(s: &str) -> Option<f64> {
+    let split = s.find(|c: char| c.is_ascii_alphabetic())?;
+    let (v, unit) = s.split_at(split);
+    let v: f64 = v.parse().ok()?;
+    Some(match unit {
+        "us" => v / 1e6,
+        "ms" => v / 1e3,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return None,
+    })
+}
+
+// ---- 3. pipeline, 4. export ---------------------------------------------------------------
+
+type Fields = BTreeMap<String, String>;
+
+/// Runs the example with `args`, echoes its output, returns its `RESULT` lines' fields.
+fn run_example(example: &Path, args: &[&str]) -> Result<Vec<Fields>> {
+    let out = util::output(Command::new(example).args(args))?;
+    let mut results = Vec::new();
+    for line in out.lines() {
+        match line.strip_prefix("RESULT ") {
+            Some(r) => results.push(
+                r.split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            None => eprintln!("bench:   {line}"),
+        }
+    }
+    if results.is_empty() {
+        bail!("{} {args:?} printed no RESULT line", example.display());
+    }
+    Ok(results)
+}
+
+fn num(f: &Fields, k: &str) -> f64 {
+    f.get(k).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+}
+
+fn pipeline(plan: &Plan, example: &Path) -> Result<Fields> {
+    eprintln!(
+        "bench: [3] pipeline replay, {} exchanges over 100 connections",
+        plan.pipeline_exchanges
+    );
+    let n = plan.pipeline_exchanges.to_string();
+    let reps = plan.pipeline_reps.to_string();
+    let mut r = run_example(
+        example,
+        &[
+            "pipeline",
+            "--exchanges",
+            &n,
+            "--conns",
+            "100",
+            "--reps",
+            &reps,
+        ],
+    )?;
+    Ok(r.remove(0))
+}
+
+fn export(plan: &Plan, example: &Path) -> Result<Vec<Fields>> {
+    let n = plan.export_spans.to_string();
+    let mut out = Vec::new();
+    for (protocol, compression) in [
+        ("grpc", "none"),
+        ("http/protobuf", "none"),
+        ("grpc", "gzip"),
+        ("http/protobuf", "gzip"),
+    ] {
+        eprintln!("bench: [4] export {protocol} ({compression}), {n} spans");
+        let mut r = run_example(
+            example,
+            &[
+                "export",
+                "--spans",
+                &n,
+                "--protocol",
+                protocol,
+                "--compression",
+                compression,
+            ],
+        )?;
+        out.push(r.remove(0));
+    }
+    Ok(out)
+}
+
+// ---- 4. memory --------------------------------------------------------------------------
+
+struct Memory {
+    idle_kib: u64,
+    idle_anon_kib: u64,
+    idle_cpu_ms_per_s: f64,
+    wave1_kib: u64,
+    wave1_anon_kib: u64,
+    wave2_kib: u64,
+    wave2_anon_kib: u64,
+    closed_kib: u64,
+    peak_kib: u64,
+    conns: usize,
+    spans: u64,
+    stats: SondeStats,
+}
+
+fn memory(plan: &Plan, sonde: &Path, nginx: &Nginx, rx: &Receiver) -> Result<Memory> {
+    let n = plan.hold_conns;
+    eprintln!("bench: [4] sonde memory: idle, then {n} open connections (twice)");
+    rx.reset();
+    let s = Sonde::start(sonde, &select_nginx(nginx), &rx.endpoint())?;
+    let pid = s.pid();
+    let kib = |f: &str| procs::status_kib(pid, f).unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(1));
+    let c0 = Cpu::of(pid);
+    let idle_secs = 3.0;
+    std::thread::sleep(Duration::from_secs_f64(idle_secs));
+    let idle_cpu_ms_per_s = Cpu::of(pid).since(&c0).ns() as f64 / 1e6 / idle_secs;
+    let (idle_kib, idle_anon_kib) = (kib("VmRSS"), kib("RssAnon"));
+    let settle = Duration::from_secs(2);
+
+    let conns = load::open_connections(nginx.port, n, 500)?;
+    std::thread::sleep(settle);
+    let (wave1_kib, wave1_anon_kib) = (kib("VmRSS"), kib("RssAnon"));
+    drop(conns);
+    std::thread::sleep(Duration::from_secs(1));
+    let conns = load::open_connections(nginx.port, n, 500)?;
+    std::thread::sleep(settle);
+    let (wave2_kib, wave2_anon_kib) = (kib("VmRSS"), kib("RssAnon"));
+    drop(conns);
+    std::thread::sleep(Duration::from_secs(1));
+    let closed_kib = kib("VmRSS");
+    let peak_kib = kib("VmHWM");
+    rx.settle(2 * n as u64, Duration::from_secs(3));
+    let stats = s.stop()?;
+    let m = Memory {
+        idle_kib,
+        idle_anon_kib,
+        idle_cpu_ms_per_s,
+        wave1_kib,
+        wave1_anon_kib,
+        wave2_kib,
+        wave2_anon_kib,
+        closed_kib,
+        peak_kib,
+        conns: n,
+        spans: rx.spans(),
+        stats,
+    };
+    eprintln!(
+        "bench: RSS idle {} KiB, {n} conns {} KiB, again {} KiB, closed {} KiB, peak {} KiB; \
+         {} spans received for {} requests; {}; losses: {}",
+        m.idle_kib,
+        m.wave1_kib,
+        m.wave2_kib,
+        m.closed_kib,
+        m.peak_kib,
+        m.spans,
+        2 * n,
+        procs::summary(&m.stats),
+        procs::losses(&m.stats)
+    );
+    Ok(m)
+}
+
+// ---- report -----------------------------------------------------------------------------
+
+/// A Markdown table with padded columns (readable in a terminal too).
+fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+    let w: Vec<usize> = (0..head.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([head[i].chars().count(), 3])
+                .max()
+                .unwrap_or(3)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&w)
+            .map(|(c, &w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect();
+        format!("| {} |\n", padded.join(" | "))
+    };
+    let mut s = line(head.iter().map(|h| h.to_string()).collect());
+    s += &line(w.iter().map(|&w| "-".repeat(w)).collect());
+    for r in rows {
+        s += &line(r.clone());
+    }
+    s
+}
+
+fn us(v: f64) -> String {
+    format!("{v:.2} µs")
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn rate_label(r: u64) -> String {
+    if r.is_multiple_of(1000) {
+        format!("{}k", r / 1000)
+    } else {
+        r.to_string()
+    }
+}
+
+fn verdict(ok: bool) -> String {
+    if ok { "PASS" } else { "MISS" }.to_string()
+}
+
+/// A verdict on a comparison whose noise may exceed the effect measured.
+fn verdict_noisy(ok: bool, noisy: bool) -> String {
+    if noisy {
+        format!("{} (noisy)", verdict(ok))
+    } else {
+        verdict(ok)
+    }
+}
+
+/// Whether a with/without difference of figure `i` (see `RateSide::rounds`) is drowned in
+/// noise: the baseline (or traced) rounds spread more than `target`, or the difference is
+/// negative by more than `target`.
+fn drowned(r: &RateRow, i: usize, delta: f64, target: f64) -> bool {
+    r.without.spread(i) > target
+        || r.with.spread(i) > target
+        || delta < -target
+        || r.without.disturbed()
+        || r.with.disturbed()
+}
+
+fn spans_ok(spans: u64, requests: u64, stats: &SondeStats) -> String {
+    let losses = procs::losses(stats);
+    let missing = requests.saturating_sub(spans);
+    let what = if missing == 0 {
+        "all spanned".to_string()
+    } else if losses == "none" {
+        format!("{missing} missing, unaccounted")
+    } else {
+        format!("{missing} missing")
+    };
+    format!("{spans} / {requests} ({what})")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render(
+    plan: &Plan,
+    header: &str,
+    fixed: &[RateRow],
+    sat: &BTreeMap<Mode, SatMode>,
+    pipe: &Fields,
+    export: &[Fields],
+    mem: &Memory,
+    raw: &str,
+    started: Instant,
+) -> String {
+    let mut out = String::new();
+    let foreign: Vec<f64> = fixed
+        .iter()
+        .flat_map(|r| r.without.foreign.iter().chain(&r.with.foreign))
+        .chain(sat.values().flat_map(|m| &m.foreign))
+        .copied()
+        .collect();
+    let _ = writeln!(
+        out,
+        "## Benchmarks\n\n{header}  \nOther jobs' CPU during the measured runs (machine busy \
+         time minus the benchmark's own processes): {:.2} cores on average, {:.2} at most.\n",
+        foreign.iter().sum::<f64>() / foreign.len().max(1) as f64,
+        foreign.iter().copied().fold(0.0, f64::max)
+    );
+
+    // 1.
+    let _ = writeln!(
+        out,
+        "### 1. Cost per request at fixed rates\n\nnginx keep-alive, {} connections, \
+         {} s per run, {} round(s) per side alternating the order; CPU per request = CPU \
+         time over the run / requests; kernel share = nginx CPU per request with sonde minus \
+         without (the hooks run in nginx's syscalls); BPF programs = run time of sonde's \
+         programs per request in one more run with the kernel's BPF statistics on (every \
+         hooked syscall on the machine counts, so an upper bound of nginx's share); latency \
+         from `write` to the last byte of the response.\n",
+        plan.conns, plan.rate_secs, plan.rate_rounds
+    );
+    let rows: Vec<Vec<String>> = fixed
+        .iter()
+        .map(|r| {
+            let (a, b) = (&r.without, &r.with);
+            let nw = a.per_req_us(a.nginx_cpu.ns());
+            let nt = b.per_req_us(b.nginx_cpu.ns());
+            vec![
+                format!("{} req/s", rate_label(r.rate)),
+                format!(
+                    "{:.0} / {:.0}",
+                    a.requests as f64 / a.secs,
+                    b.requests as f64 / b.secs
+                ),
+                format!("{} / {}", a.late_share(), b.late_share()),
+                format!("{:.2} / {:.2}", a.foreign_max(), b.foreign_max()),
+                us(b.per_req_us(b.sonde_cpu.ns())),
+                format!("{nw:.2} → {nt:.2} µs ({:+.2})", nt - nw),
+                r.bpf_us().map_or("–".into(), us),
+                format!(
+                    "{:.2} → {:.2} µs",
+                    a.per_req_us(a.client_cpu_ns),
+                    b.per_req_us(b.client_cpu_ns)
+                ),
+                format!(
+                    "{:.1} → {:.1} µs ({:+.1})",
+                    a.p(0.5),
+                    b.p(0.5),
+                    b.p(0.5) - a.p(0.5)
+                ),
+                format!(
+                    "{:.1} → {:.1} µs ({:+.1})",
+                    a.p(0.99),
+                    b.p(0.99),
+                    b.p(0.99) - a.p(0.99)
+                ),
+                spans_ok(b.spans, b.requests, &b.stats),
+                procs::losses(&b.stats),
+            ]
+        })
+        .collect();
+    out += &table(
+        &[
+            "rate",
+            "achieved req/s without / with",
+            "sent > 1 ms late without / with",
+            "other jobs' CPU (max cores) without / with",
+            "sonde CPU / req",
+            "nginx CPU / req without → with (kernel share)",
+            "sonde's BPF programs / req",
+            "client CPU / req (untraced)",
+            "p50 without → with (added)",
+            "p99 without → with (added)",
+            "spans / requests",
+            "loss counters",
+        ],
+        &rows,
+    );
+
+    // 2.
+    let base = sat
+        .get(&Mode::NoSonde)
+        .map(SatMode::median_rps)
+        .unwrap_or(0.0);
+    let _ = writeln!(
+        out,
+        "\n### 2. Saturation\n\nnginx (1 worker) + `wrk -t1 -c50 -d{}s` on the same 2 cores; \
+         {} round(s), modes alternating; median requests/s.\n",
+        plan.sat_secs, plan.sat_rounds
+    );
+    let rows: Vec<Vec<String>> = sat
+        .iter()
+        .map(|(mode, m)| {
+            let rounds: Vec<String> = m.rps.iter().map(|v| format!("{v:.0}")).collect();
+            let foreign: Vec<String> = m.foreign.iter().map(|v| format!("{v:.2}")).collect();
+            vec![
+                mode.label().to_string(),
+                format!("{:.0}", m.median_rps()),
+                rounds.join(", "),
+                foreign.join(", "),
+                format!("{:.3}", m.median_rps() / base),
+                if m.sonde_cores.is_empty() {
+                    "–".into()
+                } else {
+                    format!("{:.2}", median(&m.sonde_cores))
+                },
+                if *mode == Mode::Tracing {
+                    spans_ok(m.spans, m.requests, &m.stats)
+                } else {
+                    "–".into()
+                },
+                if *mode == Mode::Tracing {
+                    procs::losses(&m.stats)
+                } else {
+                    "–".into()
+                },
+            ]
+        })
+        .collect();
+    out += &table(
+        &[
+            "mode",
+            "req/s (median)",
+            "rounds",
+            "other jobs' CPU (cores)",
+            "ratio to no sonde",
+            "sonde CPU (cores)",
+            "spans / requests",
+            "loss counters",
+        ],
+        &rows,
+    );
+
+    // 3.
+    let spans_per_core = num(pipe, "spans_per_cpu_s");
+    let total_us = ["reassembly_us", "assemble_us", "convert_us", "encode_us"]
+        .iter()
+        .map(|k| num(pipe, k))
+        .sum::<f64>();
+    let _ = writeln!(
+        out,
+        "\n### 3. Pipeline (one core)\n\n{} recorded keep-alive GET exchanges over {} \
+         connections (raw ring-buffer records) replayed through decode → reassembly → HTTP/1 \
+         parse → span assembly → OTLP conversion → protobuf encoding on one thread; median of \
+         {} by thread CPU time.\n",
+        pipe.get("exchanges").map_or("?", String::as_str),
+        pipe.get("conns").map_or("?", String::as_str),
+        pipe.get("reps").map_or("?", String::as_str),
+    );
+    out += &table(
+        &[
+            "spans/s per core (CPU)",
+            "spans/s (wall)",
+            "decode + reassembly + parse",
+            "span assembly",
+            "OTLP conversion",
+            "protobuf encoding",
+            "total per span",
+            "encoded bytes / span",
+        ],
+        &[vec![
+            format!("{spans_per_core:.0}"),
+            format!("{:.0}", num(pipe, "spans_per_wall_s")),
+            us(num(pipe, "reassembly_us")),
+            us(num(pipe, "assemble_us")),
+            us(num(pipe, "convert_us")),
+            us(num(pipe, "encode_us")),
+            us(total_us),
+            format!("{:.0} B", num(pipe, "bytes_per_span")),
+        ]],
+    );
+
+    // 4.
+    let _ = writeln!(
+        out,
+        "\n### 4. Export and memory\n\nThe real exporter (queue, batches of 2048, retries) \
+         sending {} pipeline-built spans to a local receiver (prost decode + count), on this \
+         2-core machine; CPU split by thread.\n",
+        export
+            .first()
+            .and_then(|f| f.get("spans"))
+            .map_or("?", String::as_str)
+    );
+    let rows: Vec<Vec<String>> = export
+        .iter()
+        .map(|f| {
+            vec![
+                f.get("protocol").cloned().unwrap_or_default(),
+                f.get("compression").cloned().unwrap_or_default(),
+                format!("{:.0}", num(f, "spans_per_s")),
+                us(num(f, "exporter_cpu_us")),
+                us(num(f, "receiver_cpu_us")),
+                format!(
+                    "{} / {}",
+                    f.get("received").map_or("?", String::as_str),
+                    f.get("spans").map_or("?", String::as_str)
+                ),
+            ]
+        })
+        .collect();
+    out += &table(
+        &[
+            "transport",
+            "compression",
+            "spans/s",
+            "exporter CPU / span",
+            "receiver CPU / span",
+            "received / sent",
+        ],
+        &rows,
+    );
+    let per_conn = |kib: u64| (kib.saturating_sub(mem.idle_kib)) as f64 * 1024.0 / mem.conns as f64;
+    let _ = writeln!(
+        out,
+        "\nsonde tracing nginx, exporting; VmRSS (RssAnon) from /proc/PID/status.\n"
+    );
+    out += &table(
+        &["sonde state", "VmRSS", "RssAnon", "note"],
+        &[
+            vec![
+                "idle (no traffic)".into(),
+                mib(mem.idle_kib),
+                mib(mem.idle_anon_kib),
+                format!("idle CPU {:.2} ms/s", mem.idle_cpu_ms_per_s),
+            ],
+            vec![
+                format!("{} open connections", mem.conns),
+                mib(mem.wave1_kib),
+                mib(mem.wave1_anon_kib),
+                format!("{:.0} B per connection over idle", per_conn(mem.wave1_kib)),
+            ],
+            vec![
+                format!("closed, then {} new ones", mem.conns),
+                mib(mem.wave2_kib),
+                mib(mem.wave2_anon_kib),
+                format!("{:.0} B per connection over idle", per_conn(mem.wave2_kib)),
+            ],
+            vec![
+                "all closed".into(),
+                mib(mem.closed_kib),
+                "".into(),
+                format!(
+                    "peak VmHWM {}; {}",
+                    mib(mem.peak_kib),
+                    spans_ok(mem.spans, 2 * mem.conns as u64, &mem.stats)
+                ),
+            ],
+        ],
+    );
+
+    // Targets.
+    let _ = writeln!(out, "\n### Targets\n");
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let per_rate = |f: &dyn Fn(&RateRow) -> f64| -> (String, f64) {
+        let v: Vec<String> = fixed
+            .iter()
+            .map(|r| format!("{:.2} µs at {}", f(r), rate_label(r.rate)))
+            .collect();
+        let worst = fixed.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
+        (v.join(", "), worst)
+    };
+    let (v, worst) = per_rate(&|r| r.with.per_req_us(r.with.sonde_cpu.ns()));
+    rows.push(vec![
+        "sonde's own CPU (user + sys, all threads) ≤ 3 µs per traced request".into(),
+        v,
+        verdict(worst <= 3.0),
+    ]);
+    let share = |r: &RateRow| {
+        r.with.per_req_us(r.with.nginx_cpu.ns()) - r.without.per_req_us(r.without.nginx_cpu.ns())
+    };
+    let (v, worst) = per_rate(&share);
+    let share_noisy = fixed.iter().any(|r| drowned(r, 0, share(r), 1.5));
+    let bpf: Vec<String> = fixed
+        .iter()
+        .filter_map(|r| Some(format!("{:.2} µs at {}", r.bpf_us()?, rate_label(r.rate))))
+        .collect();
+    rows.push(vec![
+        "kernel share ≤ 1.5 µs per request (nginx CPU with − without)".into(),
+        format!("{v}; BPF programs alone: {}", bpf.join(", ")),
+        verdict_noisy(worst <= 1.5, share_noisy),
+    ]);
+    match fixed.iter().find(|r| r.rate == 10_000) {
+        Some(r) => {
+            let d50 = r.with.p(0.5) - r.without.p(0.5);
+            let d99 = r.with.p(0.99) - r.without.p(0.99);
+            rows.push(vec![
+                "latency added ≤ 5 µs p50 at 10k req/s".into(),
+                format!("{d50:+.1} µs"),
+                verdict_noisy(d50 <= 5.0, drowned(r, 1, d50, 5.0)),
+            ]);
+            rows.push(vec![
+                "latency added ≤ 25 µs p99 at 10k req/s".into(),
+                format!("{d99:+.1} µs"),
+                verdict_noisy(d99 <= 25.0, drowned(r, 2, d99, 25.0)),
+            ]);
+        }
+        None => rows.push(vec![
+            "latency added at 10k req/s".into(),
+            "not measured".into(),
+            "–".into(),
+        ]),
+    }
+    let all: Vec<String> = fixed
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{} at {}",
+                r.with.spans,
+                r.with.requests,
+                rate_label(r.rate)
+            )
+        })
+        .collect();
+    let every = fixed
+        .iter()
+        .all(|r| r.with.spans == r.with.requests && procs::losses(&r.with.stats) == "none");
+    rows.push(vec![
+        "every request spanned, zero unaccounted loss, up to 50k req/s".into(),
+        all.join(", "),
+        verdict(every && fixed.iter().any(|r| r.rate >= 50_000)),
+    ]);
+    rows.push(vec![
+        "pipeline ≥ 500k spans/s per core".into(),
+        format!("{spans_per_core:.0} spans/s"),
+        verdict(spans_per_core >= 500_000.0),
+    ]);
+    let ratio = |m: Mode| sat.get(&m).map(SatMode::median_rps).unwrap_or(0.0) / base;
+    // Baseline rounds more than 15% apart: the ratios say more about the machine than sonde.
+    let sat_noisy = sat.get(&Mode::NoSonde).is_some_and(|m| {
+        let max = m.rps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let min = m.rps.iter().copied().fold(f64::INFINITY, f64::min);
+        max > min * 1.15
+    }) || sat
+        .values()
+        .any(|m| m.foreign.iter().any(|&f| f > FOREIGN_LIMIT));
+    let tracing = sat.get(&Mode::Tracing);
+    let sat_spanned = tracing.is_some_and(|t| t.short_rounds == 0 && t.spans >= t.requests);
+    rows.push(vec![
+        "saturation: tracing / no sonde ≥ 0.75, every request spanned".into(),
+        format!(
+            "{:.3}; {}",
+            ratio(Mode::Tracing),
+            tracing.map_or("?".into(), |t| spans_ok(t.spans, t.requests, &t.stats))
+        ),
+        verdict_noisy(ratio(Mode::Tracing) >= 0.75 && sat_spanned, sat_noisy),
+    ]);
+    rows.push(vec![
+        "saturation: hooks only / no sonde ≈ 0.90 (≥ 0.85)".into(),
+        format!("{:.3}", ratio(Mode::Hooks)),
+        verdict_noisy(ratio(Mode::Hooks) >= 0.85, sat_noisy),
+    ]);
+    rows.push(vec![
+        "RSS ≤ 64 MiB idle".into(),
+        mib(mem.idle_kib),
+        verdict(mem.idle_kib <= 64 * 1024),
+    ]);
+    let bounded =
+        mem.peak_kib <= 128 * 1024 && mem.wave2_kib as f64 <= mem.wave1_kib as f64 * 1.1 + 2048.0;
+    rows.push(vec![
+        format!(
+            "RSS bounded with {} connections (peak ≤ 128 MiB, a second wave adds ≤ 10%)",
+            mem.conns
+        ),
+        format!(
+            "{} → {} → {}, peak {}",
+            mib(mem.idle_kib),
+            mib(mem.wave1_kib),
+            mib(mem.wave2_kib),
+            mib(mem.peak_kib)
+        ),
+        verdict(bounded),
+    ]);
+    out += &table(&["target", "measured", "verdict"], &rows);
+    let _ = writeln!(
+        out,
+        "\n(noisy): other jobs took more than {FOREIGN_LIMIT} cores during a run, the rounds of \
+         one side differed by more than the target, the difference came out negative by more \
+         than the target, or the generator fell behind its schedule (> 1% of requests sent \
+         > 1 ms late; saturation: baseline rounds > 15% apart). The verdict is then not \
+         evidence either way: rerun on a quiet machine."
+    );
+
+    let _ = writeln!(
+        out,
+        "\n<details><summary>Raw runs</summary>\n\n{raw}\nTotal bench time {:.0} s; load \
+         average at the end {}.\n</details>",
+        started.elapsed().as_secs_f64(),
+        procs::load_average()
+    );
+    out
 }
