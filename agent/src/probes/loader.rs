@@ -78,10 +78,10 @@ CAP_DAC_READ_SEARCH to read other processes' /proc entries; see deploy/systemd/s
 fn not_permitted(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.raw_os_error() == Some(libc::EPERM) {
-                return true;
-            }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(libc::EPERM)
+        {
+            return true;
         }
         cur = e.source();
     }
