@@ -11,6 +11,7 @@ fn main() -> anyhow::Result<()> {
         // refuses to start with a clear error.
         let out = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR")?);
         std::fs::write(out.join("sonde"), b"")?;
+        std::fs::write(out.join("sonde-propagate"), b"")?;
         return Ok(());
     }
     let toolchain = env::var("RUSTUP_TOOLCHAIN").unwrap_or_default();

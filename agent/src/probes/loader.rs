@@ -11,8 +11,12 @@ use aya::{
 
 use super::btf::{self, BtfError};
 
-/// The kernel object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
+/// The kernel objects built by build.rs (empty when built with AYA_BUILD_SKIP=1). The
+/// propagation variant adds a sockhash with sock_ops and sk_msg programs; creating a sockhash
+/// needs CAP_NET_ADMIN, so the plain object is loaded unless `--propagate` asks for it.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde"));
+static OBJECT_PROPAGATE: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde-propagate"));
 
 /// Program name → (tracepoint category, tracepoint name, required).
 const ATTACH: &[(&str, &str, &str, bool)] = &[
@@ -260,7 +264,12 @@ pub fn ensure_tracefs() -> Result<(), ProbeError> {
 impl Probes {
     /// Loads and attaches. Returns the probes and the ring buffer to read events from.
     pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), ProbeError> {
-        if OBJECT.is_empty() {
+        let object = if opts.propagate {
+            OBJECT_PROPAGATE
+        } else {
+            OBJECT
+        };
+        if object.is_empty() {
             return Err(ProbeError::NoObject);
         }
         ensure_tracefs()?;
@@ -280,7 +289,7 @@ impl Probes {
             .override_global("CONFIG", &config, true)
             .map_max_entries(maps::EVENTS, opts.ring_bytes)
             .map_max_entries(maps::CONNS, opts.max_conns)
-            .load(OBJECT)
+            .load(object)
             .map_err(ProbeError::Load)?;
 
         let mut skipped = Vec::new();

@@ -1,0 +1,791 @@
+//! sonde's kernel programs: socket syscalls on syscall tracepoints.
+//!
+//! Syscall tracepoints are a stable ABI present on every production kernel (no kprobes or
+//! fentry needed). Entry programs remember the arguments per thread; exit programs see the
+//! result, copy the first bytes that moved and report them with the connection's stream
+//! position. Every loss path bumps a counter in COUNTERS.
+//!
+//! Tracepoint record layout (include/trace/events/syscalls.h): common header (8 bytes), the
+//! syscall number (8 with padding), then six 8-byte argument slots on entry, or the return
+//! value at offset 16 on exit.
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
+
+use agent_common::*;
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::bpf_get_current_comm,
+    helpers::generated::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+
+#[path = "propagate.rs"]
+pub(crate) mod propagate;
+use propagate::{on_server_write, sonde_server_read, take_injected};
+
+/// Runtime configuration, patched by the loader before the programs are loaded.
+#[unsafe(no_mangle)]
+pub(crate) static CONFIG: KernelConfig = KernelConfig {
+    self_tgid: 0,
+    filter_pids: 0,
+    capture_bytes: MAX_CAPTURE as u32,
+    wakeup_bytes: 1 << 20,
+    offsets: KernelOffsets {
+        task_files: 0,
+        files_fdt: 0,
+        fdt_max_fds: 0,
+        fdt_fd: 0,
+        file_private_data: 0,
+        socket_sk: 0,
+        socket_file: 0,
+        sk_family: 0,
+        sk_type: 0,
+        sk_protocol: 0,
+        sk_daddr: 0,
+        sk_rcv_saddr: 0,
+        sk_dport: 0,
+        sk_num: 0,
+        sk_v6_daddr: 0,
+        sk_v6_rcv_saddr: 0,
+    },
+    propagate: 0,
+    _pad: 0,
+};
+
+// Sizes are defaults; the loader may resize EVENTS and CONNS.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+/// (tgid << 32 | fd) → connection state. LRU: a missed close can never fill the table.
+#[map]
+static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
+/// pid_tgid → arguments saved at syscall entry.
+#[map]
+static ARGS: LruHashMap<u64, SyscallArgs> = LruHashMap::with_max_entries(16384, 0);
+/// tgid → PID_TRACE / PID_EXCLUDE, maintained by userspace.
+#[map]
+static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+/// Local ports of sonde's own outgoing connections: the other end of those is a collector.
+#[map]
+/// Key: sonde's local port << 16 | the collector's port. A source port is only unique per
+/// destination, so the pair is what identifies sonde's own connection.
+static SELF_PORTS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn self_key(sonde_port: u16, collector_port: u16) -> u32 {
+    (sonde_port as u32) << 16 | collector_port as u32
+}
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+#[map]
+pub(crate) static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU staging area for a data event (too big for the 512-byte stack). Per-CPU map values
+/// are limited to 32 KiB, which bounds the data area below.
+#[repr(C)]
+pub(crate) struct Scratch {
+    pub(crate) hdr: DataEventHeader,
+    pub(crate) data: [u8; SCRATCH_DATA],
+}
+const SCRATCH_DATA: usize = 32768 - size_of::<DataEventHeader>();
+/// Largest offset at which a further iovec segment may start: offset + MAX_CAPTURE must stay
+/// inside `data` for the verifier, which bounds offset and length independently.
+const IOV_OFFSET_LIMIT: u64 = (SCRATCH_DATA - MAX_CAPTURE) as u64;
+const MAX_IOV: u64 = 8;
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const SOCK_STREAM: u16 = 1;
+const IPPROTO_TCP: u16 = 6;
+const EINPROGRESS: i64 = -115;
+
+#[inline(always)]
+pub(crate) fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot; a lost increment under preemption is acceptable for a counter.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn count_n(c: Counter, n: u64) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: as in `count`.
+        unsafe { *p += n };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn cfg_u32(p: *const u32) -> u32 {
+    // SAFETY: `p` points into CONFIG; volatile so the loader's patched value is used.
+    unsafe { read_volatile(p) }
+}
+
+#[inline(always)]
+fn offsets() -> &'static KernelOffsets {
+    // SAFETY: CONFIG is a read-only global; fields are read through `cfg_u32`.
+    unsafe { &*addr_of!(CONFIG.offsets) }
+}
+
+/// Whether events from this process are wanted.
+#[inline(always)]
+pub(crate) fn traced(tgid: u32) -> bool {
+    if tgid == cfg_u32(addr_of!(CONFIG.self_tgid)) {
+        return false;
+    }
+    // SAFETY: value is a plain u8 read once.
+    let entry = unsafe { PIDS.get(&tgid) }.copied();
+    if cfg_u32(addr_of!(CONFIG.filter_pids)) != 0 {
+        entry == Some(PID_TRACE)
+    } else {
+        entry != Some(PID_EXCLUDE)
+    }
+}
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: syscall tracepoint records hold six 8-byte argument slots from offset 16.
+    unsafe { ctx.read_at::<u64>(16 + 8 * n) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: sys_exit records hold the return value at offset 16.
+    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+}
+
+#[inline(always)]
+fn read_kernel<T: Copy>(base: u64, off: u32) -> Option<T> {
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: bpf_probe_read_kernel validates the source address; the destination is ours.
+    let r = unsafe {
+        bpf_probe_read_kernel(
+            v.as_mut_ptr().cast(),
+            size_of::<T>() as u32,
+            (base + off as u64) as *const _,
+        )
+    };
+    if r != 0 {
+        count(Counter::ReadKernelFailed);
+        return None;
+    }
+    // SAFETY: fully written by the helper on success.
+    Some(unsafe { v.assume_init() })
+}
+
+#[inline(always)]
+fn read_user<T: Copy>(addr: u64) -> Option<T> {
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: bpf_probe_read_user validates the source address.
+    let r = unsafe {
+        bpf_probe_read_user(
+            v.as_mut_ptr().cast(),
+            size_of::<T>() as u32,
+            addr as *const _,
+        )
+    };
+    if r != 0 {
+        count(Counter::ReadUserFailed);
+        return None;
+    }
+    // SAFETY: fully written by the helper on success.
+    Some(unsafe { v.assume_init() })
+}
+
+/// The `struct sock *` behind `fd` of the current task, if `fd` is a TCP socket.
+/// current->files->fdt->fd[fd]->private_data is a `struct socket` whose `file` points back at
+/// the file: that back-pointer is how a socket is recognised without knowing `f_op`.
+#[inline(always)]
+fn tcp_sock(fd: u32) -> Option<u64> {
+    let o = offsets();
+    // SAFETY: helper with no arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read_kernel(task, cfg_u32(addr_of!(o.task_files)))?;
+    let fdt: u64 = read_kernel(files, cfg_u32(addr_of!(o.files_fdt)))?;
+    let max_fds: u32 = read_kernel(fdt, cfg_u32(addr_of!(o.fdt_max_fds)))?;
+    if fd >= max_fds {
+        return None;
+    }
+    let fd_array: u64 = read_kernel(fdt, cfg_u32(addr_of!(o.fdt_fd)))?;
+    let file: u64 = read_kernel(fd_array + 8 * fd as u64, 0)?;
+    if file == 0 {
+        return None;
+    }
+    let socket: u64 = read_kernel(file, cfg_u32(addr_of!(o.file_private_data)))?;
+    if socket == 0 {
+        return None;
+    }
+    let back: u64 = read_kernel(socket, cfg_u32(addr_of!(o.socket_file)))?;
+    if back != file {
+        return None;
+    }
+    let sk: u64 = read_kernel(socket, cfg_u32(addr_of!(o.socket_sk)))?;
+    let family: u16 = read_kernel(sk, cfg_u32(addr_of!(o.sk_family)))?;
+    let ty: u16 = read_kernel(sk, cfg_u32(addr_of!(o.sk_type)))?;
+    let proto: u16 = read_kernel(sk, cfg_u32(addr_of!(o.sk_protocol)))?;
+    if (family == AF_INET || family == AF_INET6) && ty == SOCK_STREAM && proto == IPPROTO_TCP {
+        Some(sk)
+    } else {
+        None
+    }
+}
+
+/// Fills the address fields of `ev` from the socket.
+#[inline(always)]
+fn fill_tuple(sk: u64, ev: &mut OpenEvent) -> Option<()> {
+    let o = offsets();
+    let family: u16 = read_kernel(sk, cfg_u32(addr_of!(o.sk_family)))?;
+    let dport: u16 = read_kernel(sk, cfg_u32(addr_of!(o.sk_dport)))?;
+    let num: u16 = read_kernel(sk, cfg_u32(addr_of!(o.sk_num)))?;
+    ev.remote_port = u16::from_be(dport);
+    ev.local_port = num;
+    if family == AF_INET {
+        ev.family = 4;
+        let d: [u8; 4] = read_kernel(sk, cfg_u32(addr_of!(o.sk_daddr)))?;
+        let s: [u8; 4] = read_kernel(sk, cfg_u32(addr_of!(o.sk_rcv_saddr)))?;
+        ev.remote_addr[..4].copy_from_slice(&d);
+        ev.local_addr[..4].copy_from_slice(&s);
+    } else {
+        ev.family = 6;
+        ev.remote_addr = read_kernel(sk, cfg_u32(addr_of!(o.sk_v6_daddr)))?;
+        ev.local_addr = read_kernel(sk, cfg_u32(addr_of!(o.sk_v6_rcv_saddr)))?;
+    }
+    Some(())
+}
+
+#[inline(always)]
+pub(crate) fn wakeup_flags() -> u64 {
+    // Batched wakeups: the reader drains on a timer; only a filling buffer wakes it early.
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > cfg_u32(addr_of!(CONFIG.wakeup_bytes)) as u64 {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// Starts tracking `fd` of `tgid`. Returns the new state, or None if `fd` is not TCP.
+#[inline(always)]
+fn track(tgid: u32, tid: u32, fd: u32, role: u8) -> Option<ConnState> {
+    let sk = tcp_sock(fd)?;
+    // SAFETY: helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut ev = OpenEvent {
+        hdr: EventHeader {
+            kind: EV_OPEN,
+            _pad: [0; 3],
+            tid,
+            ts_ns: now,
+            conn: ConnId {
+                tgid,
+                fd,
+                generation: now,
+            },
+        },
+        role,
+        family: 0,
+        _pad: [0; 2],
+        local_port: 0,
+        remote_port: 0,
+        local_addr: [0; 16],
+        remote_addr: [0; 16],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    fill_tuple(sk, &mut ev)?;
+    let mut st = ConnState {
+        generation: now,
+        pos: [0; 2],
+        role,
+        flags: 0,
+        remote_port: ev.remote_port,
+        local_port: ev.local_port,
+        _pad: [0; 2],
+    };
+    // The far end of sonde's own exporter connection is a collector: never trace it.
+    // SAFETY: plain lookup.
+    if role != ROLE_CLIENT
+        && unsafe { SELF_PORTS.get(&self_key(ev.remote_port, ev.local_port)) }.is_some()
+    {
+        st.flags = CONN_F_IGNORE;
+        count(Counter::SelfConnsSkipped);
+    }
+    let key = (tgid as u64) << 32 | fd as u64;
+    if CONNS.insert(&key, &st, 0).is_err() {
+        count(Counter::ConnTableFull);
+        return None;
+    }
+    if st.flags & CONN_F_IGNORE == 0 {
+        count(Counter::ConnsOpened);
+        if EVENTS.output(&ev, wakeup_flags()).is_err() {
+            count(Counter::RingbufFull);
+        }
+    }
+    Some(st)
+}
+
+#[inline(always)]
+pub(crate) fn ids() -> (u64, u32, u32) {
+    // SAFETY: helper with no arguments.
+    let id = unsafe { bpf_get_current_pid_tgid() };
+    (id, (id >> 32) as u32, id as u32)
+}
+
+// ---- accept / connect / close --------------------------------------------------------------
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_accept(ctx: &TracePointContext) {
+    let (_, tgid, tid) = ids();
+    let fd = ret(ctx);
+    if fd < 0 || !traced(tgid) {
+        return;
+    }
+    track(tgid, tid, fd as u32, ROLE_SERVER);
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let (id, tgid, _) = ids();
+    if tgid != cfg_u32(addr_of!(CONFIG.self_tgid)) && !traced(tgid) {
+        return 0;
+    }
+    save_args(id, arg(&ctx, 0), 0, 0, ARG_NONE, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let (id, tgid, tid) = ids();
+    // SAFETY: value copied out immediately.
+    let Some(args) = (unsafe { ARGS.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = ARGS.remove(&id);
+    let r = ret(&ctx);
+    if r != 0 && r != EINPROGRESS {
+        return 0;
+    }
+    let fd = args.fd as u32;
+    if tgid == cfg_u32(addr_of!(CONFIG.self_tgid)) {
+        // Remember our own local port so the collector's side of this connection is skipped.
+        if let Some(sk) = tcp_sock(fd) {
+            let local = read_kernel::<u16>(sk, cfg_u32(addr_of!(offsets().sk_num)));
+            let remote = read_kernel::<u16>(sk, cfg_u32(addr_of!(offsets().sk_dport)));
+            if let (Some(l), Some(r)) = (local, remote) {
+                let _ = SELF_PORTS.insert(&self_key(l, u16::from_be(r)), &1, 0);
+            }
+        }
+        return 0;
+    }
+    track(tgid, tid, fd, ROLE_CLIENT);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let (_, tgid, tid) = ids();
+    let fd = arg(&ctx, 0) as u32;
+    let key = (tgid as u64) << 32 | fd as u64;
+    // SAFETY: value copied out immediately.
+    let Some(st) = (unsafe { CONNS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = CONNS.remove(&key);
+    if st.flags & CONN_F_IGNORE != 0 {
+        return 0;
+    }
+    let hdr = EventHeader {
+        kind: EV_CLOSE,
+        _pad: [0; 3],
+        tid,
+        // SAFETY: helper with no arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn: ConnId {
+            tgid,
+            fd,
+            generation: st.generation,
+        },
+    };
+    if EVENTS.output(&hdr, wakeup_flags()).is_err() {
+        count(Counter::RingbufFull);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let (_, tgid, tid) = ids();
+    // Only the thread-group leader's exit ends the process.
+    if tgid != tid || !traced(tgid) {
+        return 0;
+    }
+    let hdr = EventHeader {
+        kind: EV_PROC_EXIT,
+        _pad: [0; 3],
+        tid,
+        // SAFETY: helper with no arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn: ConnId {
+            tgid,
+            fd: 0,
+            generation: 0,
+        },
+    };
+    if EVENTS.output(&hdr, wakeup_flags()).is_err() {
+        count(Counter::RingbufFull);
+    }
+    0
+}
+
+// ---- data syscalls -------------------------------------------------------------------------
+
+#[inline(always)]
+fn save_args(id: u64, fd: u64, ptr: u64, count_: u64, kind: u8, syscall: u8) {
+    let a = SyscallArgs {
+        fd,
+        ptr,
+        count: count_,
+        kind,
+        syscall,
+        _pad: [0; 6],
+        // SAFETY: helper with no arguments.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if ARGS.insert(&id, &a, 0).is_err() {
+        count(Counter::ArgsTableFull);
+    }
+}
+
+/// Entry of a data syscall: remember the arguments if `fd` is (or becomes) a tracked TCP
+/// connection. Connections that predate sonde are picked up here, on first use.
+#[inline(always)]
+fn data_enter(ctx: &TracePointContext, kind: u8, syscall: u8) {
+    let (id, tgid, tid) = ids();
+    if !traced(tgid) {
+        return;
+    }
+    let fd = arg(ctx, 0);
+    let key = (tgid as u64) << 32 | (fd as u32) as u64;
+    // SAFETY: value copied out immediately.
+    let known = unsafe { CONNS.get(&key) }.copied();
+    let st = match known {
+        Some(st) => st,
+        None => match track(tgid, tid, fd as u32, ROLE_UNKNOWN) {
+            Some(st) => st,
+            None => return,
+        },
+    };
+    if st.flags & CONN_F_IGNORE != 0 {
+        return;
+    }
+    if st.flags & CONN_F_CHECKED == 0
+        && st.role != ROLE_CLIENT
+        && !check_peer(key, &st, tgid, fd as u32)
+    {
+        return;
+    }
+    save_args(id, fd, arg(ctx, 1), arg(ctx, 2), kind, syscall);
+}
+
+/// First data on an accepted connection: if its peer turned out to be sonde's exporter (its
+/// connect() returned after our accept), stop tracing it and tell userspace to forget it.
+/// Returns whether the connection is still traced.
+#[inline(always)]
+fn check_peer(key: u64, st: &ConnState, tgid: u32, fd: u32) -> bool {
+    let mut updated = *st;
+    // SAFETY: plain lookup.
+    let ours = unsafe { SELF_PORTS.get(&self_key(st.remote_port, st.local_port)) }.is_some();
+    updated.flags |= if ours { CONN_F_IGNORE } else { CONN_F_CHECKED };
+    let _ = CONNS.insert(&key, &updated, 0);
+    if ours {
+        count(Counter::SelfConnsSkipped);
+        let hdr = EventHeader {
+            kind: EV_CLOSE,
+            _pad: [0; 3],
+            tid: tgid,
+            // SAFETY: helper with no arguments.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            conn: ConnId {
+                tgid,
+                fd,
+                generation: st.generation,
+            },
+        };
+        if EVENTS.output(&hdr, wakeup_flags()).is_err() {
+            count(Counter::RingbufFull);
+        }
+    }
+    !ours
+}
+
+/// Exit of a data syscall: report the bytes moved.
+#[inline(always)]
+fn data_exit(ctx: &TracePointContext, dir: u8) {
+    let (id, tgid, tid) = ids();
+    // SAFETY: value copied out immediately.
+    let Some(args) = (unsafe { ARGS.get(&id) }).copied() else {
+        return;
+    };
+    let _ = ARGS.remove(&id);
+    let n = ret(ctx);
+    if n <= 0 {
+        return;
+    }
+    let n = n as u64;
+    let fd = args.fd as u32;
+    let key = (tgid as u64) << 32 | fd as u64;
+    let Some(st) = CONNS.get_ptr_mut(&key) else {
+        return;
+    };
+    let d = (dir & 1) as usize;
+    // SAFETY: pointer into the map value; concurrent syscalls on one socket may race on the
+    // position, which at worst misplaces one event (userspace treats it as a gap).
+    let (pos, generation) = unsafe {
+        let pos = (*st).pos[d];
+        (*st).pos[d] = pos + n;
+        (pos, (*st).generation)
+    };
+
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch owned by this program invocation.
+    let s = unsafe { &mut *scratch };
+    s.hdr = DataEventHeader {
+        hdr: EventHeader {
+            kind: EV_DATA,
+            _pad: [0; 3],
+            tid,
+            ts_ns: if dir == DIR_EGRESS {
+                args.enter_ns
+            } else {
+                // SAFETY: helper with no arguments.
+                unsafe { bpf_ktime_get_ns() }
+            },
+            conn: ConnId {
+                tgid,
+                fd,
+                generation,
+            },
+        },
+        dir,
+        syscall: args.syscall,
+        _pad: [0; 2],
+        cap_len: 0,
+        pos,
+        len: n,
+        ctx_kind: CTX_NONE,
+        _pad2: [0; 7],
+        ctx_trace_id: [0; 16],
+        ctx_span_id: [0; 8],
+    };
+
+    let mut want = cfg_u32(addr_of!(CONFIG.capture_bytes)) as u64;
+    if want > n {
+        want = n;
+    }
+    if want > MAX_CAPTURE as u64 {
+        want = MAX_CAPTURE as u64;
+    }
+    let copied = match args.kind {
+        ARG_BUF => copy_user(s, 0, args.ptr, want),
+        ARG_IOVEC => copy_iov(s, args.ptr, args.count, want),
+        ARG_MSGHDR => {
+            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+            match (
+                read_user::<u64>(args.ptr + 16),
+                read_user::<u64>(args.ptr + 24),
+            ) {
+                (Some(iov), Some(cnt)) => copy_iov(s, iov, cnt, want),
+                _ => 0,
+            }
+        }
+        _ => 0,
+    };
+    s.hdr.cap_len = copied as u32;
+    if cfg_u32(addr_of!(CONFIG.propagate)) != 0 {
+        // SAFETY: `st` still points at this connection's map value.
+        let role = unsafe { (*st).role };
+        if role != ROLE_CLIENT && dir == DIR_INGRESS {
+            sonde_server_read(id, tgid, copied);
+        } else if role != ROLE_CLIENT {
+            on_server_write(id, tgid, s, copied);
+        }
+        if dir == DIR_EGRESS {
+            take_injected(id, s);
+        }
+    }
+    if n > copied {
+        count_n(Counter::TruncatedBytes, n - copied);
+    }
+    count(Counter::DataEvents);
+
+    let mut size = size_of::<DataEventHeader>() as u64 + copied;
+    if size > size_of::<Scratch>() as u64 {
+        size = size_of::<Scratch>() as u64;
+    }
+    // SAFETY: `size` is bounded by the scratch value, which the verifier checks.
+    let rec = unsafe { core::slice::from_raw_parts(scratch as *const u8, size as usize) };
+    if EVENTS.output(rec, wakeup_flags()).is_err() {
+        count(Counter::RingbufFull);
+    }
+}
+
+/// Copies `len` user bytes from `src` to `s.data[off..]`; returns bytes copied.
+#[inline(always)]
+fn copy_user(s: &mut Scratch, off: u64, src: u64, len: u64) -> u64 {
+    let mut len = len;
+    if len > MAX_CAPTURE as u64 {
+        len = MAX_CAPTURE as u64;
+    }
+    let mut off = off;
+    if off > IOV_OFFSET_LIMIT {
+        off = IOV_OFFSET_LIMIT;
+    }
+    // SAFETY: off <= IOV_OFFSET_LIMIT and len <= MAX_CAPTURE keep the write inside `data`.
+    let r = unsafe {
+        bpf_probe_read_user(
+            addr_of_mut!(s.data).cast::<u8>().add(off as usize).cast(),
+            len as u32,
+            src as *const _,
+        )
+    };
+    if r != 0 {
+        count(Counter::ReadUserFailed);
+        return 0;
+    }
+    len
+}
+
+/// Copies up to `want` bytes gathered from an iovec array.
+#[inline(always)]
+fn copy_iov(s: &mut Scratch, iov: u64, cnt: u64, want: u64) -> u64 {
+    let mut off: u64 = 0;
+    for i in 0..MAX_IOV {
+        if i >= cnt || off >= want || off > IOV_OFFSET_LIMIT {
+            break;
+        }
+        // struct iovec { void *iov_base; size_t iov_len; }
+        let Some(seg) = read_user::<[u64; 2]>(iov + 16 * i) else {
+            break;
+        };
+        let mut n = seg[1];
+        if n > want - off {
+            n = want - off;
+        }
+        if n == 0 {
+            continue;
+        }
+        let got = copy_user(s, off, seg[0], n);
+        if got == 0 {
+            break;
+        }
+        off += got;
+    }
+    off
+}
+
+macro_rules! data_syscall {
+    ($enter:ident, $exit:ident, $kind:expr, $sys:expr, $dir:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            data_enter(&ctx, $kind, $sys);
+            0
+        }
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            data_exit(&ctx, $dir);
+            0
+        }
+    };
+}
+
+data_syscall!(
+    sys_enter_read,
+    sys_exit_read,
+    ARG_BUF,
+    SYS_READ,
+    DIR_INGRESS
+);
+data_syscall!(
+    sys_enter_write,
+    sys_exit_write,
+    ARG_BUF,
+    SYS_WRITE,
+    DIR_EGRESS
+);
+data_syscall!(
+    sys_enter_readv,
+    sys_exit_readv,
+    ARG_IOVEC,
+    SYS_READV,
+    DIR_INGRESS
+);
+data_syscall!(
+    sys_enter_writev,
+    sys_exit_writev,
+    ARG_IOVEC,
+    SYS_WRITEV,
+    DIR_EGRESS
+);
+data_syscall!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    ARG_BUF,
+    SYS_RECVFROM,
+    DIR_INGRESS
+);
+data_syscall!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    ARG_BUF,
+    SYS_SENDTO,
+    DIR_EGRESS
+);
+data_syscall!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    ARG_MSGHDR,
+    SYS_RECVMSG,
+    DIR_INGRESS
+);
+data_syscall!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    ARG_MSGHDR,
+    SYS_SENDMSG,
+    DIR_EGRESS
+);
+// sendfile(out_fd, in_fd, ...): bytes leave through out_fd without passing user memory; they
+// still advance the stream position (nginx sends static bodies this way).
+data_syscall!(
+    sys_enter_sendfile64,
+    sys_exit_sendfile64,
+    ARG_NONE,
+    SYS_SENDFILE,
+    DIR_EGRESS
+);
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
