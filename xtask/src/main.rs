@@ -2,6 +2,7 @@
 //! both set up everything they need first (idempotently), on a fresh machine too.
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod util;
 
@@ -32,6 +33,12 @@ enum Cmd {
         /// Only the integration tests whose names contain this.
         filter: Option<String>,
     },
+    /// Fuzz the parsers and the event decoder (cargo-fuzz, AddressSanitizer).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
     /// Set up and run the benchmarks (overhead, throughput, pipeline, export, memory).
     Bench {
         /// Shorter runs (for a smoke check).
@@ -46,6 +53,7 @@ fn main() -> Result<()> {
         Cmd::Build => setup::build_release().map(|_| ()),
         Cmd::Demo => demo::run(),
         Cmd::Test { filter } => test(filter),
+        Cmd::Fuzz { seconds } => fuzz::fuzz(seconds),
         Cmd::Bench { quick } => bench::run(quick),
     }
 }
@@ -63,6 +71,8 @@ fn test(filter: Option<String>) -> Result<()> {
         "--exclude",
         "agent-ebpf",
     ]))?;
+    // A short fuzzing run of every target (a longer one: `cargo xtask fuzz`).
+    fuzz::fuzz(20)?;
     // Root-only integration tests: real kernels, servers and clients; serial, since they share
     // the kernel's tracepoints and the machine's two cores.
     let mut cmd = util::cargo();

@@ -336,10 +336,7 @@ fn huge_chunk_size_is_skipped_by_count_without_buffering() {
     assert!(peak < 64 * 1024, "{peak} bytes");
     f.close(1);
     // The response never ended: the exchange ends with the connection, its status known.
-    assert_eq!(
-        f.seen(),
-        [x("/huge", Some(200), Outcome::ConnectionClosed)]
-    );
+    assert_eq!(f.seen(), [x("/huge", Some(200), Outcome::ConnectionClosed)]);
     assert_eq!(f.counts(), counts(1, 0, 0, 0));
 }
 
@@ -371,7 +368,11 @@ fn huge_content_lengths_are_followed_by_count() {
         IN,
         b"POST /max HTTP/1.1\r\nContent-Length: 9223372036854775807\r\n\r\nabc",
     );
-    f.send(1, OUT, b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n");
+    f.send(
+        1,
+        OUT,
+        b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n",
+    );
     let big = vec![b'a'; 1 << 20];
     for _ in 0..4 {
         f.write_once(1, IN, &big);
@@ -506,7 +507,11 @@ fn header_bombs_are_dropped_within_the_head_limit() {
         warmed(&mut f, 1);
         let (_, peak) = heap::peak(|| {
             f.send(1, IN, &bomb);
-            f.send(1, OUT, b"HTTP/1.1 431 Too Large\r\nContent-Length: 0\r\n\r\n");
+            f.send(
+                1,
+                OUT,
+                b"HTTP/1.1 431 Too Large\r\nContent-Length: 0\r\n\r\n",
+            );
             f.server(1, &[(&get("/after"), OK)]);
         });
         // The head buffer is bounded by the 64 KiB limit (plus transient parser state).
@@ -520,7 +525,11 @@ fn header_bombs_are_dropped_within_the_head_limit() {
         warmed(&mut f, 1);
         let (_, peak) = heap::peak(|| {
             f.write_once(1, IN, &bomb);
-            f.send(1, OUT, b"HTTP/1.1 431 Too Large\r\nContent-Length: 0\r\n\r\n");
+            f.send(
+                1,
+                OUT,
+                b"HTTP/1.1 431 Too Large\r\nContent-Length: 0\r\n\r\n",
+            );
             f.server(1, &[(&get("/after"), OK)]);
         });
         assert!(peak < 1024 * 1024, "{name}: {peak} bytes");
@@ -605,7 +614,10 @@ fn nul_bytes_in_heads() {
     f.server(
         1,
         &[
-            (&get("/a"), b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n"),
+            (
+                &get("/a"),
+                b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",
+            ),
             (&get("/b"), OK),
         ],
     );
@@ -777,11 +789,7 @@ fn thousands_of_pipelined_requests_are_bounded_and_counted() {
     let reqs: Vec<u8> = (0..N).flat_map(|i| get(&format!("/{i}"))).collect();
     let resps: Vec<u8> = (0..N)
         .flat_map(|i| {
-            format!(
-                "HTTP/1.1 {} X\r\nContent-Length: 0\r\n\r\n",
-                200 + i % 300
-            )
-            .into_bytes()
+            format!("HTTP/1.1 {} X\r\nContent-Length: 0\r\n\r\n", 200 + i % 300).into_bytes()
         })
         .collect();
     let (_, peak) = heap::peak(|| f.send(1, IN, &reqs));
@@ -796,13 +804,13 @@ fn thousands_of_pipelined_requests_are_bounded_and_counted() {
     for (k, ex) in f.out.iter().enumerate() {
         let i = N - max + k;
         assert_eq!(ex.request.target, format!("/{i}"));
-        assert_eq!(ex.response.as_ref().map(|r| r.status), Some(200 + (i % 300) as u16));
+        assert_eq!(
+            ex.response.as_ref().map(|r| r.status),
+            Some(200 + (i % 300) as u16)
+        );
         assert_eq!(ex.outcome, Outcome::Complete);
     }
-    assert_eq!(
-        f.counts(),
-        counts(max as u64, 0, 0, (N - max) as u64)
-    );
+    assert_eq!(f.counts(), counts(max as u64, 0, 0, (N - max) as u64));
     // Interleaved, the same traffic loses nothing.
     let mut f = Feed::new();
     f.open(1, Role::Server);

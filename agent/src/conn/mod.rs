@@ -545,3 +545,6 @@ impl ConnTable {
         conn.last_ts = conn.last_ts.max(ts);
     }
 }
+
+#[cfg(test)]
+mod hostile_tests;
