@@ -257,6 +257,22 @@ fn fill_tuple(sk: u64, ev: &mut OpenEvent) -> Option<()> {
     Some(())
 }
 
+/// Emits a header-only event (close, process exit).
+#[inline(always)]
+fn emit_header(kind: u8, tid: u32, conn: ConnId) {
+    let hdr = EventHeader {
+        kind,
+        _pad: [0; 3],
+        tid,
+        // SAFETY: helper with no arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn,
+    };
+    if EVENTS.output(&hdr, wakeup_flags()).is_err() {
+        count(Counter::RingbufFull);
+    }
+}
+
 #[inline(always)]
 pub(crate) fn wakeup_flags() -> u64 {
     // Batched wakeups: the reader drains on a timer; only a filling buffer wakes it early.
@@ -408,21 +424,15 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     if st.flags & CONN_F_IGNORE != 0 {
         return 0;
     }
-    let hdr = EventHeader {
-        kind: EV_CLOSE,
-        _pad: [0; 3],
+    emit_header(
+        EV_CLOSE,
         tid,
-        // SAFETY: helper with no arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        conn: ConnId {
+        ConnId {
             tgid,
-            fd,
+            fd: fd,
             generation: st.generation,
         },
-    };
-    if EVENTS.output(&hdr, wakeup_flags()).is_err() {
-        count(Counter::RingbufFull);
-    }
+    );
     0
 }
 
@@ -433,21 +443,15 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if tgid != tid || !traced(tgid) {
         return 0;
     }
-    let hdr = EventHeader {
-        kind: EV_PROC_EXIT,
-        _pad: [0; 3],
+    emit_header(
+        EV_PROC_EXIT,
         tid,
-        // SAFETY: helper with no arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        conn: ConnId {
+        ConnId {
             tgid,
             fd: 0,
             generation: 0,
         },
-    };
-    if EVENTS.output(&hdr, wakeup_flags()).is_err() {
-        count(Counter::RingbufFull);
-    }
+    );
     0
 }
 
@@ -513,21 +517,15 @@ fn check_peer(key: u64, st: &ConnState, tgid: u32, fd: u32) -> bool {
     let _ = CONNS.insert(&key, &updated, 0);
     if ours {
         count(Counter::SelfConnsSkipped);
-        let hdr = EventHeader {
-            kind: EV_CLOSE,
-            _pad: [0; 3],
-            tid: tgid,
-            // SAFETY: helper with no arguments.
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-            conn: ConnId {
+        emit_header(
+            EV_CLOSE,
+            tgid,
+            ConnId {
                 tgid,
                 fd,
                 generation: st.generation,
             },
-        };
-        if EVENTS.output(&hdr, wakeup_flags()).is_err() {
-            count(Counter::RingbufFull);
-        }
+        );
     }
     !ours
 }

@@ -341,44 +341,41 @@ impl ConnTable {
     }
 
     fn on_event_env(&mut self, ev: &Event<'_>, env: &mut Env<'_>) {
-        let mut env = &mut *env;
         match ev {
             Event::Open(o) => {
                 match self.lookup(&o.conn) {
                     Lookup::Same(_) | Lookup::Stale => return,
-                    Lookup::Older(s) => self.close_slot(s, None, &mut env),
+                    Lookup::Older(s) => self.close_slot(s, None, env),
                     Lookup::Missing => {}
                 }
-                self.insert(o.conn, o.role, o.local, o.remote, o.ts_ns, &mut env);
+                self.insert(o.conn, o.role, o.local, o.remote, o.ts_ns, env);
             }
             Event::Data(d) => {
                 let s = match self.lookup(&d.conn) {
                     Lookup::Same(s) => s,
                     Lookup::Stale => return,
                     Lookup::Older(s) => {
-                        self.close_slot(s, None, &mut env);
-                        self.insert(d.conn, Role::Unknown, None, None, d.ts_ns, &mut env)
+                        self.close_slot(s, None, env);
+                        self.insert(d.conn, Role::Unknown, None, None, d.ts_ns, env)
                     }
-                    Lookup::Missing => {
-                        self.insert(d.conn, Role::Unknown, None, None, d.ts_ns, &mut env)
-                    }
+                    Lookup::Missing => self.insert(d.conn, Role::Unknown, None, None, d.ts_ns, env),
                 };
                 self.touch(s, d.ts_ns);
                 let conn = &mut self.slots[s as usize].conn;
                 if !conn.ignored {
-                    conn.on_data(d, &mut env);
+                    conn.on_data(d, env);
                 }
             }
             Event::Close { conn, ts_ns } => match self.lookup(conn) {
-                Lookup::Same(s) => self.close_slot(s, Some(*ts_ns), &mut env),
-                Lookup::Older(s) => self.close_slot(s, None, &mut env),
+                Lookup::Same(s) => self.close_slot(s, Some(*ts_ns), env),
+                Lookup::Older(s) => self.close_slot(s, None, env),
                 Lookup::Missing | Lookup::Stale => {}
             },
             Event::ProcessExit { tgid, ts_ns } => {
                 let mut s = self.tgids.get(tgid).copied().unwrap_or(NIL);
                 while s != NIL {
                     let next = self.slots[s as usize].tnext;
-                    self.close_slot(s, Some(*ts_ns), &mut env);
+                    self.close_slot(s, Some(*ts_ns), env);
                     s = next;
                 }
             }

@@ -53,10 +53,10 @@ fn find_member(btf: &Btf, ty: &Type, name: &str) -> Result<Option<(u32, Type)>, 
         if mname == name {
             return Ok(Some((m.bit_offset(), mty)));
         }
-        if mname.is_empty() {
-            if let Some((off, t)) = find_member(btf, &mty, name)? {
-                return Ok(Some((m.bit_offset() + off, t)));
-            }
+        if mname.is_empty()
+            && let Some((off, t)) = find_member(btf, &mty, name)?
+        {
+            return Ok(Some((m.bit_offset() + off, t)));
         }
     }
     Ok(None)

@@ -105,13 +105,12 @@ impl Selector {
             if pid == self_pid {
                 continue;
             }
-            if self.exe.is_some() {
-                if let Ok(exe) = fs::read_link(entry.path().join("exe")) {
-                    if self.exe_matches(&exe.to_string_lossy()) {
-                        out.insert(pid);
-                        continue;
-                    }
-                }
+            if self.exe.is_some()
+                && let Ok(exe) = fs::read_link(entry.path().join("exe"))
+                && self.exe_matches(&exe.to_string_lossy())
+            {
+                out.insert(pid);
+                continue;
             }
             if !listen_inodes.is_empty() && owns_any_socket(&entry.path(), &listen_inodes) {
                 out.insert(pid);
@@ -138,10 +137,10 @@ fn listening_inodes(proc_root: &Path, ports: &[u16]) -> HashSet<u64> {
             let port = cols[1]
                 .rsplit_once(':')
                 .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if port.is_some_and(|p| ports.contains(&p)) {
-                if let Ok(inode) = cols[9].parse() {
-                    out.insert(inode);
-                }
+            if port.is_some_and(|p| ports.contains(&p))
+                && let Ok(inode) = cols[9].parse()
+            {
+                out.insert(inode);
             }
         }
     }

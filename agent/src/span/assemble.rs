@@ -344,7 +344,8 @@ impl Assembler {
                 !q.is_empty()
             });
         }
-        for map in [&mut self.by_thread] {
+        {
+            let map = &mut self.by_thread;
             map.retain(|_, v| {
                 v.retain(|o| o.ctx.start_ns >= cutoff);
                 !v.is_empty()

@@ -208,32 +208,7 @@ impl Drop for Nginx {
 }
 
 pub fn nginx(service: &str) -> Nginx {
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("sonde-nginx-{port}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("big.txt"), "b".repeat(100_000)).unwrap();
-    let conf = std::fs::read_to_string(fixture("nginx.conf"))
-        .unwrap()
-        .replace("__PREFIX__", dir.to_str().unwrap())
-        .replace("__PORT__", &port.to_string());
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let bin = if std::path::Path::new("/usr/sbin/nginx").exists() {
-        "/usr/sbin/nginx"
-    } else {
-        "nginx"
-    };
-    let proc = Proc::spawn(
-        "nginx",
-        Command::new(bin)
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .arg("-p")
-            .arg(&dir)
-            .env("OTEL_SERVICE_NAME", service)
-            .stderr(Stdio::null()),
-    );
-    wait_port(port);
-    Nginx { proc, port, dir }
+    nginx_with("nginx.conf", service)
 }
 
 /// curl; returns (status code, body).
