@@ -64,11 +64,12 @@ struct Ctx {
     span_id: SpanId,
     lineage: Lineage,
     start_ns: u64,
+    /// Thread that started the request (finds a server's `by_thread` entry without a scan).
+    tid: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct OpenServer {
-    conn: ConnId,
     ctx: Ctx,
     children: u32,
 }
@@ -145,9 +146,9 @@ impl Assembler {
                     span_id: SpanId::random(),
                     lineage,
                     start_ns: st.start_ns,
+                    tid: st.tid,
                 };
                 let open = OpenServer {
-                    conn: st.conn,
                     ctx,
                     children: 0,
                 };
@@ -195,6 +196,7 @@ impl Assembler {
                     span_id: injected.map(|(_, s)| s).unwrap_or_else(SpanId::random),
                     lineage,
                     start_ns: st.start_ns,
+                    tid: st.tid,
                 };
                 self.clients.entry(st.conn).or_default().push_back(ctx);
                 if let (true, Some(l), Some(r)) = (self.link.same_host, st.local, st.remote) {
@@ -286,7 +288,9 @@ impl Assembler {
         let ctx = match ex.side {
             Side::Server => {
                 let ctx = pop_matching(&mut self.servers, &ex.conn, ex.start_ns);
-                self.close_server(ex.conn, ctx.map(|c| c.span_id));
+                if let Some(c) = ctx {
+                    self.close_server(ex.conn.tgid, c);
+                }
                 ctx
             }
             Side::Client => pop_matching(&mut self.clients, &ex.conn, ex.start_ns),
@@ -299,31 +303,22 @@ impl Assembler {
         http::build(ex, lineage, span_id, resource, &clock, &self.opts)
     }
 
-    fn close_server(&mut self, conn: ConnId, span: Option<SpanId>) {
-        let Some(span) = span else { return };
-        let remove = |map: &mut HashMap<_, Vec<OpenServer>>, key| {
+    /// The server request `c` of process `tgid` completed: it parents nothing from now on.
+    fn close_server(&mut self, tgid: u32, c: Ctx) {
+        fn remove<K: std::hash::Hash + Eq>(
+            map: &mut HashMap<K, Vec<OpenServer>>,
+            key: K,
+            span: SpanId,
+        ) {
             if let Some(v) = map.get_mut(&key) {
-                v.retain(|o: &OpenServer| !(o.conn == conn && o.ctx.span_id == span));
+                v.retain(|o| o.ctx.span_id != span);
                 if v.is_empty() {
                     map.remove(&key);
                 }
             }
-        };
-        let tids: Vec<(u32, u32)> = self
-            .by_thread
-            .iter()
-            .filter(|((tgid, _), v)| *tgid == conn.tgid && v.iter().any(|o| o.ctx.span_id == span))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in tids {
-            remove(&mut self.by_thread, k);
         }
-        if let Some(v) = self.by_process.get_mut(&conn.tgid) {
-            v.retain(|o| o.ctx.span_id != span);
-            if v.is_empty() {
-                self.by_process.remove(&conn.tgid);
-            }
-        }
+        remove(&mut self.by_thread, (tgid, c.tid), c.span_id);
+        remove(&mut self.by_process, tgid, c.span_id);
     }
 
     /// Drops per-process state of an exited process.
