@@ -457,10 +457,16 @@ fn socket_inodes(pid: u32) -> std::collections::HashSet<String> {
         .collect()
 }
 
-/// TCP ports `pid` listens on (its socket fds matched against /proc/net/tcp{,6}).
-pub fn listening_ports(pid: u32) -> Vec<u16> {
+/// `pid`'s TCP sockets from /proc/net/tcp{,6}: (state, local port, remote port). States are
+/// the kernel's hex codes: "0A" listening, "01" established.
+fn tcp_sockets(pid: u32) -> Vec<(String, u16, u16)> {
     let inodes = socket_inodes(pid);
-    let mut ports = Vec::new();
+    let port = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    let mut out = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
@@ -469,18 +475,23 @@ pub fn listening_ports(pid: u32) -> Vec<u16> {
             let f: Vec<&str> = l.split_whitespace().collect();
             // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
             if f.len() > 9
-                && f[3] == "0A"
                 && inodes.contains(f[9])
-                && let Some(p) = f[1]
-                    .rsplit(':')
-                    .next()
-                    .and_then(|h| u16::from_str_radix(h, 16).ok())
+                && let (Some(local), Some(remote)) = (port(f[1]), port(f[2]))
             {
-                ports.push(p);
+                out.push((f[3].to_string(), local, remote));
             }
         }
     }
-    ports
+    out
+}
+
+/// TCP ports `pid` listens on.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    tcp_sockets(pid)
+        .into_iter()
+        .filter(|(st, _, _)| st == "0A")
+        .map(|(_, local, _)| local)
+        .collect()
 }
 
 /// Stock nginx with the fixture config `conf` (placeholders as in nginx.conf).
@@ -609,29 +620,11 @@ pub fn start_sonde_cmd(
 
 /// Local ports of `pid`'s established TCP connections to `remote_port`.
 pub fn connected_local_ports(pid: u32, remote_port: u16) -> Vec<u16> {
-    let inodes = socket_inodes(pid);
-    let port = |addr: &str| {
-        addr.rsplit(':')
-            .next()
-            .and_then(|h| u16::from_str_radix(h, 16).ok())
-    };
-    let mut ports = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for l in text.lines().skip(1) {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() > 9
-                && f[3] == "01"
-                && inodes.contains(f[9])
-                && port(f[2]) == Some(remote_port)
-            {
-                ports.extend(port(f[1]));
-            }
-        }
-    }
-    ports
+    tcp_sockets(pid)
+        .into_iter()
+        .filter(|(st, _, remote)| st == "01" && *remote == remote_port)
+        .map(|(_, local, _)| local)
+        .collect()
 }
 
 /// A TCP connection from `src` (IPv4, e.g. 127.0.0.2:PORT) to 127.0.0.1:`port`.
