@@ -76,9 +76,8 @@ struct OpenServer {
 
 type PeerKey = (SocketAddr, SocketAddr);
 
-#[derive(Default)]
 pub struct Assembler {
-    clock: Option<BootClock>,
+    clock: BootClock,
     opts: SpanOptions,
     link: LinkOptions,
     /// Server requests started and not yet complete, per connection (FIFO: pipelining).
@@ -100,16 +99,21 @@ impl Assembler {
 
     pub fn with_links(clock: BootClock, opts: SpanOptions, link: LinkOptions) -> Self {
         Assembler {
-            clock: Some(clock),
+            clock,
             opts,
             link,
-            ..Default::default()
+            servers: HashMap::new(),
+            by_thread: HashMap::new(),
+            by_process: HashMap::new(),
+            clients: HashMap::new(),
+            peers: HashMap::new(),
+            peer_count: 0,
         }
     }
 
     /// Re-reads the wall clock offset (NTP may have slewed it).
     pub fn refresh_clock(&mut self) {
-        self.clock = Some(BootClock::sample());
+        self.clock = BootClock::sample();
     }
 
     /// Decides the identity of a request that just started.
@@ -148,10 +152,7 @@ impl Assembler {
                     start_ns: st.start_ns,
                     tid: st.tid,
                 };
-                let open = OpenServer {
-                    ctx,
-                    children: 0,
-                };
+                let open = OpenServer { ctx, children: 0 };
                 self.by_thread
                     .entry((st.conn.tgid, st.tid))
                     .or_default()
@@ -299,8 +300,7 @@ impl Assembler {
             Some(c) => (c.lineage, c.span_id),
             None => (http::default_lineage(ex), SpanId::random()),
         };
-        let clock = self.clock.unwrap_or_else(BootClock::sample);
-        http::build(ex, lineage, span_id, resource, &clock, &self.opts)
+        http::build(ex, lineage, span_id, resource, &self.clock, &self.opts)
     }
 
     /// The server request `c` of process `tgid` completed: it parents nothing from now on.
