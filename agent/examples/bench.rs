@@ -31,7 +31,7 @@ use prost::Message;
 use sonde::clock::BootClock;
 use sonde::conn::{ConnLimits, ConnTable, Exchange, Outcome};
 use sonde::events::{self, Direction, Event};
-use sonde::export::{self, ExportConfig, OutputKind, convert};
+use sonde::export::{self, ExportConfig, OutputKind, encode::Encoder};
 use sonde::metrics::Stats;
 use sonde::process::Registry;
 use sonde::span::Span;
@@ -202,9 +202,7 @@ struct Replay {
     reassembly: Duration,
     /// Resource lookup + span building (ids, attributes).
     assemble: Duration,
-    /// Spans → `ExportTraceServiceRequest`.
-    convert: Duration,
-    /// Protobuf encoding.
+    /// Spans → OTLP protobuf bytes (the exporter's encoder).
     encode: Duration,
 }
 
@@ -216,6 +214,7 @@ struct Replayer {
     exchanges: Vec<Exchange>,
     spans: Vec<Span>,
     out: Vec<u8>,
+    encoder: Encoder,
     r: Replay,
     /// Keep the spans (for the export benchmark) instead of encoding them.
     keep: Option<Vec<Span>>,
@@ -231,6 +230,7 @@ impl Replayer {
             exchanges: Vec::with_capacity(EXCHANGE_BATCH),
             spans: Vec::with_capacity(EXPORT_BATCH),
             out: Vec::new(),
+            encoder: Encoder::default(),
             r: Replay::default(),
             keep: keep.then(Vec::new),
         }
@@ -279,15 +279,11 @@ impl Replayer {
         while self.spans.len() >= EXPORT_BATCH || (last && !self.spans.is_empty()) {
             let n = self.spans.len().min(EXPORT_BATCH);
             let t = Instant::now();
-            let req = convert::to_request(&self.spans[..n]);
-            let t2 = Instant::now();
             self.out.clear();
-            req.encode(&mut self.out).expect("Vec grows");
-            let t3 = Instant::now();
-            drop(std::hint::black_box(req));
+            self.encoder.encode(&self.spans[..n], &mut self.out);
+            std::hint::black_box(&self.out);
+            self.r.encode += t.elapsed();
             self.spans.drain(..n);
-            self.r.convert += t2 - t;
-            self.r.encode += t3 - t2;
             self.r.otlp_bytes += self.out.len() as u64;
             self.r.spans += n as u64;
         }
@@ -317,12 +313,11 @@ fn pipeline(exchanges: usize, conns: usize, reps: usize) -> Result<()> {
         }
         println!(
             "  rep {rep}: {:.0} spans/s per CPU-second ({:.0}/s wall); µs/span: reassembly {:.3}, \
-             assemble {:.3}, convert {:.3}, encode {:.3}; {:.0} B/span encoded",
+             assemble {:.3}, encode {:.3}; {:.0} B/span encoded",
             r.spans as f64 / r.cpu.as_secs_f64(),
             r.spans as f64 / r.wall.as_secs_f64(),
             us_per(r.reassembly, r.spans),
             us_per(r.assemble, r.spans),
-            us_per(r.convert, r.spans),
             us_per(r.encode, r.spans),
             r.otlp_bytes as f64 / r.spans as f64,
         );
@@ -334,7 +329,7 @@ fn pipeline(exchanges: usize, conns: usize, reps: usize) -> Result<()> {
     println!(
         "RESULT pipeline exchanges={exchanges} conns={conns} reps={} spans={} cpu_s={:.4} \
          wall_s={:.4} spans_per_cpu_s={:.0} spans_per_wall_s={:.0} reassembly_us={:.4} \
-         assemble_us={:.4} convert_us={:.4} encode_us={:.4} bytes_per_span={:.1}",
+         assemble_us={:.4} encode_us={:.4} bytes_per_span={:.1}",
         runs.len(),
         r.spans,
         r.cpu.as_secs_f64(),
@@ -343,7 +338,6 @@ fn pipeline(exchanges: usize, conns: usize, reps: usize) -> Result<()> {
         r.spans as f64 / r.wall.as_secs_f64(),
         us_per(r.reassembly, r.spans),
         us_per(r.assemble, r.spans),
-        us_per(r.convert, r.spans),
         us_per(r.encode, r.spans),
         r.otlp_bytes as f64 / r.spans as f64,
     );

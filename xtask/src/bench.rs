@@ -998,7 +998,7 @@ fn render(
 
     // 3.
     let spans_per_core = num(pipe, "spans_per_cpu_s");
-    let total_us = ["reassembly_us", "assemble_us", "convert_us", "encode_us"]
+    let total_us = ["reassembly_us", "assemble_us", "encode_us"]
         .iter()
         .map(|k| num(pipe, k))
         .sum::<f64>();
@@ -1006,7 +1006,8 @@ fn render(
         out,
         "\n### 3. Pipeline (one core)\n\n{} recorded keep-alive GET exchanges over {} \
          connections (raw ring-buffer records) replayed through decode → reassembly → HTTP/1 \
-         parse → span assembly → OTLP conversion → protobuf encoding on one thread; median of \
+         parse → span assembly → OTLP protobuf encoding (the exporter's own encoder) on one \
+         thread; median of \
          {} by thread CPU time.\n",
         pipe.get("exchanges").map_or("?", String::as_str),
         pipe.get("conns").map_or("?", String::as_str),
@@ -1018,8 +1019,7 @@ fn render(
             "spans/s (wall)",
             "decode + reassembly + parse",
             "span assembly",
-            "OTLP conversion",
-            "protobuf encoding",
+            "OTLP encoding",
             "total per span",
             "encoded bytes / span",
         ],
@@ -1028,7 +1028,6 @@ fn render(
             format!("{:.0}", num(pipe, "spans_per_wall_s")),
             us(num(pipe, "reassembly_us")),
             us(num(pipe, "assemble_us")),
-            us(num(pipe, "convert_us")),
             us(num(pipe, "encode_us")),
             us(total_us),
             format!("{:.0} B", num(pipe, "bytes_per_span")),

@@ -27,6 +27,7 @@ use crate::span::Span;
 pub mod config;
 pub mod console;
 pub mod convert;
+pub mod encode;
 pub mod json;
 mod otlp;
 mod tls;

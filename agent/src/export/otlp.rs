@@ -16,7 +16,7 @@ use tonic::codec::{Codec, CompressionEncoding, EncodeBuf, Encoder};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::config::{Compression, ExportConfig, Protocol, RetryPolicy};
-use super::convert;
+use super::encode::Encoder as SpanEncoder;
 use super::{RateLimited, Shutdown};
 use crate::metrics::Stats;
 use crate::span::Span;
@@ -362,6 +362,9 @@ pub(crate) struct OtlpExporter {
     target: String,
     fail_log: RateLimited,
     partial_log: RateLimited,
+    encoder: SpanEncoder,
+    /// Largest request encoded so far: the next buffer's capacity.
+    last_size: usize,
 }
 
 impl OtlpExporter {
@@ -374,6 +377,8 @@ impl OtlpExporter {
             target: format!("{} {}", cfg.protocol.as_str(), cfg.endpoint),
             fail_log: RateLimited::new(Duration::from_secs(10)),
             partial_log: RateLimited::new(Duration::from_secs(60)),
+            encoder: SpanEncoder::default(),
+            last_size: 0,
         })
     }
 
@@ -385,7 +390,9 @@ impl OtlpExporter {
             if chunk.is_empty() {
                 continue;
             }
-            let encoded = convert::to_request(chunk).encode_to_vec();
+            let mut encoded = Vec::with_capacity(self.last_size);
+            self.encoder.encode(chunk, &mut encoded);
+            self.last_size = self.last_size.max(encoded.len());
             if encoded.len() > MAX_REQUEST_BYTES && chunk.len() > 1 {
                 let (a, b) = chunk.split_at(chunk.len() / 2);
                 pending.push(b);
