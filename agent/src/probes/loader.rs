@@ -168,7 +168,7 @@ pub enum ProbeError {
         "loading the kernel programs failed: {0}; sonde needs root or {caps}, and a kernel >= 5.8; `sonde check` tells what is missing",
         caps = CAPS_HINT
     )]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error(
         "loading kernel program {name} was not permitted: {source}; sonde needs root or {caps}; `sonde check` tells what is missing",
         caps = CAPS_HINT
@@ -176,7 +176,7 @@ pub enum ProbeError {
     NotPermitted {
         name: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("kernel program {0} is missing from the object")]
     MissingProgram(&'static str),
@@ -186,7 +186,7 @@ pub enum ProbeError {
         category: &'static str,
         tracepoint: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("map {0} is missing or of the wrong type: {1}")]
     Map(&'static str, String),
@@ -290,7 +290,7 @@ impl Probes {
             .map_max_entries(maps::EVENTS, opts.ring_bytes)
             .map_max_entries(maps::CONNS, opts.max_conns)
             .load(object)
-            .map_err(ProbeError::Load)?;
+            .map_err(|e| ProbeError::Load(Box::new(e)))?;
 
         let mut skipped = Vec::new();
         for &(name, category, tracepoint, required) in ATTACH {
@@ -302,7 +302,7 @@ impl Probes {
                     name,
                     category,
                     tracepoint,
-                    source,
+                    source: Box::new(source),
                 })?;
             let res = prog
                 .load()
@@ -310,7 +310,10 @@ impl Probes {
             match res {
                 Ok(()) => {}
                 Err(source) if not_permitted(&source) => {
-                    return Err(ProbeError::NotPermitted { name, source });
+                    return Err(ProbeError::NotPermitted {
+                        name,
+                        source: Box::new(source),
+                    });
                 }
                 Err(source) if !required => {
                     log::warn!(
@@ -323,7 +326,7 @@ impl Probes {
                         name,
                         category,
                         tracepoint,
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
