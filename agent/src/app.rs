@@ -189,7 +189,7 @@ impl Pipeline {
         let mut last_expire = Instant::now();
         let mut last_scan = Instant::now();
         let mut last_stats = Instant::now();
-        // Idle backoff: while nothing arrives, poll less often (up to 8× --drain-ms). The
+        // Idle backoff: while nothing arrives, poll less often (up to 4× --drain-ms). The
         // kernel still wakes us early when the buffer fills, so bursts are not delayed.
         let mut wait = self.drain;
         loop {
@@ -204,7 +204,7 @@ impl Pipeline {
             wait = if reorder.len() > before {
                 self.drain
             } else {
-                (wait * 2).min(self.drain * 8)
+                (wait * 2).min(self.drain * 4)
             };
             // Hold back what is younger than the reorder window, so that records committed
             // late by another CPU still take their place in timestamp order.
