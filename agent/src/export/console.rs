@@ -15,7 +15,7 @@ use crate::span::{AttrValue, Span, SpanId, SpanKind, Status, TraceId};
 
 fn attr_str(s: &Span, key: &str) -> Option<String> {
     match s.attr(key)? {
-        AttrValue::Str(v) => Some(v.clone()),
+        AttrValue::Str(v) => Some(v.to_string()),
         AttrValue::Int(i) => Some(i.to_string()),
         AttrValue::StrList(l) => Some(l.join(",")),
     }

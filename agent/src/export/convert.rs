@@ -23,7 +23,7 @@ const FLAGS_IS_REMOTE: u32 = 0x200;
 
 pub(crate) fn any_value(v: &AttrValue) -> AnyValue {
     let value = match v {
-        AttrValue::Str(s) => any_value::Value::StringValue(s.clone()),
+        AttrValue::Str(s) => any_value::Value::StringValue(s.to_string()),
         AttrValue::Int(i) => any_value::Value::IntValue(*i),
         AttrValue::StrList(l) => any_value::Value::ArrayValue(ArrayValue {
             values: l
@@ -65,7 +65,7 @@ pub(crate) fn span(s: &Span) -> ProtoSpan {
         trace_state: s.trace_state.clone().unwrap_or_default(),
         parent_span_id: s.parent_span_id.map(|p| p.0.to_vec()).unwrap_or_default(),
         flags,
-        name: s.name.clone(),
+        name: s.name.to_string(),
         kind: match s.kind {
             SpanKind::Server => span::SpanKind::Server,
             SpanKind::Client => span::SpanKind::Client,
@@ -122,7 +122,7 @@ pub(crate) mod tests {
             pid,
             service_name: service.to_string(),
             attributes: vec![
-                ("service.name".into(), AttrValue::from(service)),
+                ("service.name".into(), AttrValue::text(service)),
                 ("process.pid".into(), AttrValue::Int(pid as i64)),
                 (
                     "process.command_args".into(),

@@ -238,7 +238,7 @@ async fn oversized_batches_are_split() {
     let mut big = spans(&procs(2), 40);
     for s in &mut big {
         s.attributes
-            .push(("url.query", AttrValue::Str("q".repeat(200_000))));
+            .push(("url.query", AttrValue::from("q".repeat(200_000))));
     }
     tx.send(big);
     let got = rx

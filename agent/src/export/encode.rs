@@ -347,20 +347,18 @@ mod tests {
         // trace state, error without description, non-ASCII.
         spans[0].trace_state = Some("vendor=x,other=y".into());
         spans[0].parent_span_id = Some(SpanId([9; 8]));
-        spans[1]
-            .attributes
-            .push(("x.empty", AttrValue::Str(String::new())));
+        spans[1].attributes.push(("x.empty", AttrValue::from("")));
         spans[1].attributes.push(("x.neg", AttrValue::Int(-1)));
         spans[1].attributes.push(("x.zero", AttrValue::Int(0)));
         spans[1]
             .attributes
-            .push(("x.long", AttrValue::Str("é".repeat(300))));
+            .push(("x.long", AttrValue::from("é".repeat(300))));
         spans[2].flags = 0;
         spans[2].start_unix_ns = 0;
         spans[3].status = Status::Error {
             description: String::new(),
         };
-        spans[4].name = String::new();
+        spans[4].name = "".into();
         spans[4].attributes.push((
             "x.list",
             AttrValue::StrList(vec![String::new(), "a".into(), "b".repeat(200)]),

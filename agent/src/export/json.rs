@@ -14,7 +14,7 @@ use crate::span::{AttrValue, Span, SpanKind, Status};
 
 fn attr_json(v: &AttrValue) -> Value {
     match v {
-        AttrValue::Str(s) => Value::String(s.clone()),
+        AttrValue::Str(s) => Value::String(s.to_string()),
         AttrValue::Int(i) => Value::from(*i),
         AttrValue::StrList(l) => Value::from(l.clone()),
     }

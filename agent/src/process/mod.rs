@@ -359,24 +359,24 @@ fn read_resource(
     // the ones that describe the process itself.
     for (k, v) in &res_attrs {
         if k != "service.name" {
-            attrs.push((k.clone(), AttrValue::Str(v.clone())));
+            attrs.push((k.clone(), AttrValue::from(v.clone())));
         }
     }
     let mut set = |k: &str, v: AttrValue| {
         attrs.retain(|(ek, _)| ek != k);
         attrs.push((k.to_string(), v));
     };
-    set("service.name", AttrValue::Str(service_name.clone()));
+    set("service.name", AttrValue::from(service_name.clone()));
     set(
         "service.instance.id",
-        AttrValue::Str(format!("{host}:{pid}:{start}")),
+        AttrValue::from(format!("{host}:{pid}:{start}")),
     );
     set("process.pid", AttrValue::Int(pid as i64));
     if !exe_name.is_empty() {
-        set("process.executable.name", AttrValue::Str(exe_name.clone()));
+        set("process.executable.name", AttrValue::from(exe_name.clone()));
     }
     if let Some(p) = &exe_path {
-        set("process.executable.path", AttrValue::Str(p.clone()));
+        set("process.executable.path", AttrValue::from(p.clone()));
     }
     if !args.is_empty() {
         set(
@@ -384,7 +384,7 @@ fn read_resource(
             AttrValue::StrList(sanitize_args(args)),
         );
     }
-    set("host.name", AttrValue::Str(host.to_string()));
+    set("host.name", AttrValue::text(host));
     set("telemetry.sdk.name", AttrValue::Str("sonde".into()));
     set(
         "telemetry.sdk.language",

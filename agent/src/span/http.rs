@@ -77,14 +77,13 @@ pub fn build(
     let req = &ex.request;
     let mut attrs: Vec<Attribute> = Vec::with_capacity(14);
 
-    let method = if KNOWN_METHODS.contains(&req.method.as_str()) {
-        req.method.as_str()
-    } else {
-        "_OTHER"
-    };
+    let method: &'static str = KNOWN_METHODS
+        .into_iter()
+        .find(|m| *m == req.method)
+        .unwrap_or("_OTHER");
     attrs.push(("http.request.method", method.into()));
     if method == "_OTHER" {
-        attrs.push(("http.request.method_original", req.method.as_str().into()));
+        attrs.push(("http.request.method_original", AttrValue::text(&req.method)));
     }
 
     let (path, query) = split_target(&req.target);
@@ -104,19 +103,19 @@ pub fn build(
         attrs.push(("network.peer.port", AttrValue::Int(peer.port() as i64)));
     }
     if let Some(ua) = &req.user_agent {
-        attrs.push(("user_agent.original", ua.as_str().into()));
+        attrs.push(("user_agent.original", AttrValue::text(ua)));
     }
 
     let kind = match ex.side {
         Side::Server => {
             attrs.push(("url.scheme", "http".into()));
-            attrs.push(("url.path", path.into()));
+            attrs.push(("url.path", AttrValue::text(path)));
             if let Some(q) = &query {
-                attrs.push(("url.query", q.as_str().into()));
+                attrs.push(("url.query", AttrValue::text(q)));
             }
             let server_port = host_port.or(ex.local.map(|l| l.port()));
             if let Some(h) = host {
-                attrs.push(("server.address", h.into()));
+                attrs.push(("server.address", AttrValue::text(h)));
             }
             if let Some(p) = server_port {
                 attrs.push(("server.port", AttrValue::Int(p as i64)));
@@ -191,11 +190,7 @@ pub fn build(
             .tracestate
             .clone()
             .filter(|_| lineage.parent.is_some()),
-        name: if method == "_OTHER" {
-            "HTTP".to_string()
-        } else {
-            method.to_string()
-        },
+        name: if method == "_OTHER" { "HTTP" } else { method }.into(),
         kind,
         start_unix_ns: start,
         end_unix_ns: end,
@@ -396,7 +391,7 @@ mod tests {
 
     fn s(span: &Span, k: &str) -> Option<String> {
         span.attr(k).map(|v| match v {
-            AttrValue::Str(s) => s.clone(),
+            AttrValue::Str(s) => s.to_string(),
             AttrValue::Int(i) => i.to_string(),
             AttrValue::StrList(l) => l.join(","),
         })

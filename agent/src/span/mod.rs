@@ -1,7 +1,7 @@
 //! Exporter-neutral span model, and the assembly of spans from HTTP exchanges.
 //!
 //! Nothing here knows about OTLP or any wire format: `export` converts.
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 pub mod assemble;
 pub mod http;
@@ -15,21 +15,31 @@ pub enum SpanKind {
     Client,
 }
 
+/// Text that is usually a constant ("GET", "1.1", "http"): borrowed then, owned otherwise,
+/// so that most attributes of a span cost no allocation.
+pub type Text = Cow<'static, str>;
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum AttrValue {
-    Str(String),
+    Str(Text),
     Int(i64),
     StrList(Vec<String>),
 }
 
-impl From<String> for AttrValue {
-    fn from(s: String) -> Self {
-        AttrValue::Str(s)
+impl AttrValue {
+    /// A copy of borrowed text (for text that is not `'static`).
+    pub fn text(s: &str) -> Self {
+        AttrValue::Str(Cow::Owned(s.to_owned()))
     }
 }
-impl From<&str> for AttrValue {
-    fn from(s: &str) -> Self {
-        AttrValue::Str(s.to_string())
+impl From<String> for AttrValue {
+    fn from(s: String) -> Self {
+        AttrValue::Str(Cow::Owned(s))
+    }
+}
+impl From<&'static str> for AttrValue {
+    fn from(s: &'static str) -> Self {
+        AttrValue::Str(Cow::Borrowed(s))
     }
 }
 impl From<i64> for AttrValue {
@@ -64,7 +74,7 @@ pub struct Span {
     /// W3C trace flags (bit 0 = sampled).
     pub flags: u8,
     pub trace_state: Option<String>,
-    pub name: String,
+    pub name: Text,
     pub kind: SpanKind,
     /// Wall-clock nanoseconds since the Unix epoch.
     pub start_unix_ns: u64,
