@@ -4,12 +4,10 @@
 //! The message is the one [`super::convert::to_request`] builds (same grouping: one
 //! `ResourceSpans` per process in order of first appearance, one `ScopeSpans` "sonde" in
 //! each), but without building it: no owned `opentelemetry-proto` structs, no allocation per
-//! attribute, and every length computed once. The wire primitives (keys, varints) are prost's.
-//! Tests decode the output with `opentelemetry-proto` and compare it with `to_request`.
+//! attribute, and every length computed once. Tests check the output byte for byte against
+//! prost encoding `to_request`, and decode it with `opentelemetry-proto`.
 use std::collections::HashMap;
 use std::sync::Arc;
-
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
 use super::convert::{SCOPE_NAME, SCOPE_VERSION};
 use crate::span::{AttrValue, Resource, Span, SpanKind, Status};
@@ -51,6 +49,42 @@ const STATUS_ERROR: u64 = 2;
 /// Proto `SpanFlags`: bit 8 says bit 9 is meaningful; bit 9 says the parent is remote.
 const FLAGS_HAS_IS_REMOTE: u32 = 0x100;
 const FLAGS_IS_REMOTE: u32 = 0x200;
+
+/// Protobuf wire types.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum WireType {
+    Varint = 0,
+    SixtyFourBit = 1,
+    LengthDelimited = 2,
+    ThirtyTwoBit = 5,
+}
+
+/// Bytes of `v` as a varint.
+#[inline(always)]
+fn encoded_len_varint(v: u64) -> usize {
+    // 1 byte per 7 bits, at least 1.
+    ((((v | 1).ilog2() * 9) + 73) / 64) as usize
+}
+
+#[inline(always)]
+fn encode_varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[inline(always)]
+fn key_len(tag: u32) -> usize {
+    encoded_len_varint(u64::from(tag << 3))
+}
+
+#[inline(always)]
+fn encode_key(tag: u32, wt: WireType, out: &mut Vec<u8>) {
+    encode_varint(u64::from(tag << 3 | wt as u32), out);
+}
 
 /// Bytes of a length-delimited field whose body is `len` bytes.
 #[inline]
@@ -364,6 +398,33 @@ mod tests {
             AttrValue::StrList(vec![String::new(), "a".into(), "b".repeat(200)]),
         ));
         spans
+    }
+
+    #[test]
+    fn varints_match_prost() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            300,
+            16383,
+            16384,
+            u32::MAX as u64,
+            u64::MAX - 1,
+            u64::MAX,
+        ]
+        .into_iter()
+        .chain((0..64).map(|b| 1u64 << b))
+        .chain((1..64).map(|b| (1u64 << b) - 1))
+        {
+            let mut ours = Vec::new();
+            encode_varint(v, &mut ours);
+            let mut theirs = Vec::new();
+            prost::encoding::encode_varint(v, &mut theirs);
+            assert_eq!(ours, theirs, "{v}");
+            assert_eq!(encoded_len_varint(v), theirs.len(), "{v}");
+        }
     }
 
     #[test]
