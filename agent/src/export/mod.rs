@@ -7,7 +7,8 @@
 //! throughput and ~100x fewer requests than the SDK exporter, which sends one Resource per
 //! request).
 //!
-//! Memory is bounded: at most `max_queue_size` spans wait in the queue (more are dropped and
+//! Memory is bounded: at most `max_queue_size` spans wait in the queue (a full queue makes the
+//! producer wait up to 50 ms while the exporter is making progress; then spans are dropped and
 //! counted in `spans_queue_dropped`), plus one batch being exported (retries included), plus
 //! for the console at most `console_max_spans` waiting for their trace to complete.
 //! Every span sent ends up in exactly one of `spans_queue_dropped`, `spans_exported`,
@@ -15,7 +16,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
@@ -40,9 +41,22 @@ pub use config::{
 };
 pub use console::render_trace;
 
+/// How long a full queue makes the producer wait for room while the exporter is making
+/// progress. The producer (the pipeline thread) then leaves events in the kernel ring buffer,
+/// which is sized for bursts, instead of dropping spans it already built.
+const BACKPRESSURE_WAIT: Duration = Duration::from_millis(50);
+/// The exporter counts as making progress if it took a batch this recently; otherwise (a
+/// collector down, retries backing off) a full queue drops at once, as the pipeline must
+/// keep reading the ring buffer.
+const PROGRESS_WINDOW: Duration = Duration::from_millis(500);
+
 /// Spans waiting for the export task. Locked briefly by both sides.
 struct Queue {
     spans: Mutex<VecDeque<Span>>,
+    /// Signalled whenever the export task takes spans out.
+    room: Condvar,
+    /// When the export task last took spans out.
+    last_take: Mutex<Instant>,
     max: usize,
     batch: usize,
     /// Wakes the task when a full batch is waiting (or on shutdown).
@@ -65,6 +79,18 @@ impl Queue {
         }
         let len = {
             let mut q = self.spans.lock().unwrap();
+            if self.max.saturating_sub(q.len()) < n && self.exporter_progressing() {
+                // Full but moving: wait (bounded) for the export task to take a batch.
+                let deadline = Instant::now() + BACKPRESSURE_WAIT;
+                while self.max.saturating_sub(q.len()) < n && !self.closed.load(Ordering::Acquire) {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    self.notify.notify_one();
+                    q = self.room.wait_timeout(q, deadline - now).unwrap().0;
+                }
+            }
             let room = self.max.saturating_sub(q.len());
             if room < n {
                 // Drop the newest: the tail of this batch (freed after unlocking).
@@ -89,7 +115,16 @@ impl Queue {
         let k = n.min(q.len());
         let v: Vec<Span> = q.drain(..k).collect();
         self.in_flight.store(v.len(), Ordering::Release);
+        drop(q);
+        if !v.is_empty() {
+            *self.last_take.lock().unwrap() = Instant::now();
+            self.room.notify_all();
+        }
         v
+    }
+
+    fn exporter_progressing(&self) -> bool {
+        self.last_take.lock().unwrap().elapsed() < PROGRESS_WINDOW
     }
 
     fn done(&self) {
@@ -239,6 +274,8 @@ pub fn spawn_with_output(
     let max = cfg.max_queue_size.max(1);
     let queue = Arc::new(Queue {
         spans: Mutex::new(VecDeque::new()),
+        room: Condvar::new(),
+        last_take: Mutex::new(Instant::now()),
         max,
         batch: cfg.max_export_batch_size.clamp(1, max),
         notify: Notify::new(),
@@ -435,6 +472,80 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn queue(max: usize, stats: &Arc<Stats>) -> Arc<Queue> {
+        Arc::new(Queue {
+            spans: Mutex::new(VecDeque::new()),
+            room: Condvar::new(),
+            last_take: Mutex::new(Instant::now()),
+            max,
+            batch: max,
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            stats: stats.clone(),
+        })
+    }
+
+    fn spans(n: usize) -> Vec<Span> {
+        let r = convert::tests::resource(1, "svc");
+        (0..n)
+            .map(|i| {
+                convert::tests::span(
+                    &r,
+                    1,
+                    i as u8 + 1,
+                    None,
+                    crate::span::SpanKind::Server,
+                    1,
+                    1,
+                    200,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_queue_waits_for_a_progressing_exporter() {
+        let stats = Arc::new(Stats::default());
+        let q = queue(4, &stats);
+        q.push(spans(4));
+        let taker = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(10));
+                q.take(4).len()
+            })
+        };
+        q.push(spans(3));
+        assert_eq!(taker.join().unwrap(), 4);
+        assert_eq!(q.len(), 3);
+        assert_eq!(stats.spans_queue_dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn full_queue_drops_at_once_when_the_exporter_is_stuck() {
+        let stats = Arc::new(Stats::default());
+        let q = queue(4, &stats);
+        *q.last_take.lock().unwrap() = Instant::now() - PROGRESS_WINDOW * 2;
+        q.push(spans(4));
+        let t = Instant::now();
+        q.push(spans(3));
+        assert!(t.elapsed() < BACKPRESSURE_WAIT, "did not wait");
+        assert_eq!(q.len(), 4);
+        assert_eq!(stats.spans_queue_dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn full_queue_waits_only_so_long() {
+        let stats = Arc::new(Stats::default());
+        let q = queue(4, &stats);
+        q.push(spans(4));
+        let t = Instant::now();
+        q.push(spans(2));
+        assert!(t.elapsed() >= BACKPRESSURE_WAIT);
+        assert_eq!(stats.spans_queue_dropped.load(Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn rate_limited_warn() {
