@@ -8,12 +8,13 @@
 //!
 //! Nothing here panics on any input; nothing allocates more than the kept head fields (plus one
 //! bounded header array for heads with more than [`STACK_HEADERS`] lines).
-use std::mem::MaybeUninit;
+use std::{borrow::Cow, mem::MaybeUninit};
 
 /// What sonde keeps of a request head: only what spans need.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestHead {
-    pub method: String,
+    /// Borrowed for the common methods (no allocation per request), owned otherwise.
+    pub method: Cow<'static, str>,
     /// The request-target exactly as sent (origin-form `/p?q`, absolute-form `http://h/p`, ...).
     pub target: String,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
@@ -243,6 +244,17 @@ pub fn parse_response(buf: &[u8]) -> Parsed<ResponseHead> {
     }
 }
 
+/// The method as text: a `'static` borrow when it is one of the usual methods.
+fn method_text(m: &str) -> Cow<'static, str> {
+    const COMMON: [&str; 10] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE", "QUERY",
+    ];
+    match COMMON.into_iter().find(|c| *c == m) {
+        Some(c) => Cow::Borrowed(c),
+        None => Cow::Owned(m.to_owned()),
+    }
+}
+
 fn lossy(v: &[u8]) -> String {
     String::from_utf8_lossy(v.trim_ascii()).into_owned()
 }
@@ -293,7 +305,7 @@ fn forwarded_for(value: &[u8]) -> Option<String> {
 
 fn build_request(req: &httparse::Request<'_, '_>, len: usize) -> Parsed<RequestHead> {
     let mut head = RequestHead {
-        method: req.method.unwrap_or_default().to_owned(),
+        method: method_text(req.method.unwrap_or_default()),
         target: req.path.unwrap_or_default().to_owned(),
         minor_version: req.version.unwrap_or(1),
         ..RequestHead::default()

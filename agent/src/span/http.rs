@@ -346,7 +346,7 @@ mod tests {
             local: Some("127.0.0.1:8080".parse().unwrap()),
             remote: Some("127.0.0.1:50000".parse().unwrap()),
             request: RequestHead {
-                method: method.into(),
+                method: method.to_owned().into(),
                 target: target.into(),
                 minor_version: 1,
                 host: Some("shop.local:8080".into()),
