@@ -42,7 +42,6 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("sonde-export")
-        .on_thread_start(short_slices)
         .enable_all()
         .build()
         .context("starting the export runtime")?;
@@ -120,10 +119,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let stop_flag = stop.clone();
     let handle = std::thread::Builder::new()
         .name("sonde-pipeline".into())
-        .spawn(move || {
-            short_slices();
-            pipeline.run(ring, &stop_flag)
-        })
+        .spawn(move || pipeline.run(ring, &stop_flag))
         .context("starting the pipeline thread")?;
 
     rt.block_on(wait_for_signal())?;
@@ -136,43 +132,6 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     log::info!("{}", stats_line(&stats, &probes));
     drop(probes); // detaches every program
     Ok(())
-}
-
-/// Asks the scheduler for short time slices (0.1 ms) for the calling thread. sonde works in
-/// bursts (a drain, an export); with the default slice a traced thread woken on the same CPU
-/// could wait for the rest of that slice. With a short one it preempts sonde at once, while
-/// sonde keeps its fair share of CPU. Kernels before 6.12 (no custom slices) ignore this.
-fn short_slices() {
-    /// `struct sched_attr` (include/uapi/linux/sched/types.h).
-    #[repr(C)]
-    #[derive(Default)]
-    struct SchedAttr {
-        size: u32,
-        sched_policy: u32,
-        sched_flags: u64,
-        sched_nice: i32,
-        sched_priority: u32,
-        sched_runtime: u64,
-        sched_deadline: u64,
-        sched_period: u64,
-        sched_util_min: u32,
-        sched_util_max: u32,
-    }
-    let attr = SchedAttr {
-        size: size_of::<SchedAttr>() as u32,
-        sched_policy: libc::SCHED_OTHER as u32,
-        // For SCHED_OTHER, the requested slice (EEVDF); the kernel clamps it to 0.1–100 ms.
-        sched_runtime: 100_000,
-        ..Default::default()
-    };
-    // SAFETY: sched_setattr(2) on the calling thread (0) with a valid, sized attr.
-    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
-    if r != 0 {
-        log::debug!(
-            "short scheduler slices not set: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
