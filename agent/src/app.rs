@@ -213,7 +213,19 @@ impl Pipeline {
             } else {
                 BootClock::now_monotonic_ns().saturating_sub(self.hold_ns)
             };
-            reorder.release(until, |rec| self.handle(rec));
+            let mut n = 0u32;
+            let mut slice_start = Instant::now();
+            reorder.release(until, |rec| {
+                self.handle(rec);
+                n += 1;
+                // A drain can take milliseconds; a traced thread waiting for this CPU should
+                // not wait that long. Yielding is a cheap syscall when nobody waits, and a
+                // switch (the point) when somebody does.
+                if n % 4 == 0 && slice_start.elapsed() >= YIELD_AFTER {
+                    std::thread::yield_now();
+                    slice_start = Instant::now();
+                }
+            });
             self.flush();
 
             if stopping {
@@ -346,6 +358,9 @@ impl Pipeline {
         self.selected = now;
     }
 }
+
+/// Longest stretch of event handling before the pipeline yields the CPU.
+const YIELD_AFTER: Duration = Duration::from_micros(50);
 
 /// Waits until the ring buffer signals data or `timeout` passes. The kernel side suppresses
 /// wakeups except when the buffer fills, so the timeout is the normal drain cadence.
