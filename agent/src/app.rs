@@ -221,7 +221,7 @@ impl Pipeline {
                 // A drain can take milliseconds; a traced thread waiting for this CPU should
                 // not wait that long. Yielding is a cheap syscall when nobody waits, and a
                 // switch (the point) when somebody does.
-                if n % 4 == 0 && slice_start.elapsed() >= YIELD_AFTER {
+                if n.is_multiple_of(4) && slice_start.elapsed() >= YIELD_AFTER {
                     std::thread::yield_now();
                     slice_start = Instant::now();
                 }
