@@ -52,13 +52,19 @@ pub(crate) fn resource(r: &Resource) -> ProtoResource {
     }
 }
 
-pub(crate) fn span(s: &Span) -> ProtoSpan {
+/// The proto `flags` of a span: W3C trace flags plus whether the parent is remote.
+pub(crate) fn span_flags(s: &Span) -> u32 {
     let mut flags = u32::from(s.flags);
     // A SERVER span's parent came from the request's `traceparent`: another process. For
     // CLIENT spans we don't know, so say nothing.
     if s.parent_span_id.is_some() && s.kind == SpanKind::Server {
         flags |= FLAGS_HAS_IS_REMOTE | FLAGS_IS_REMOTE;
     }
+    flags
+}
+
+pub(crate) fn span(s: &Span) -> ProtoSpan {
+    let flags = span_flags(s);
     ProtoSpan {
         trace_id: s.trace_id.0.to_vec(),
         span_id: s.span_id.0.to_vec(),

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::convert::{SCOPE_NAME, SCOPE_VERSION};
+use super::convert::{SCOPE_NAME, SCOPE_VERSION, span_flags};
 use crate::span::{AttrValue, Resource, Span, SpanKind, Status};
 
 // Field numbers, from opentelemetry/proto/{collector/trace,trace,common,resource}/v1.
@@ -46,9 +46,6 @@ const KIND_SERVER: u64 = 2;
 const KIND_CLIENT: u64 = 3;
 /// `Status.StatusCode.STATUS_CODE_ERROR`.
 const STATUS_ERROR: u64 = 2;
-/// Proto `SpanFlags`: bit 8 says bit 9 is meaningful; bit 9 says the parent is remote.
-const FLAGS_HAS_IS_REMOTE: u32 = 0x100;
-const FLAGS_IS_REMOTE: u32 = 0x200;
 
 /// Protobuf wire types.
 #[derive(Clone, Copy)]
@@ -168,16 +165,6 @@ fn put_key_value(tag: u32, k: &str, v: &AttrValue, out: &mut Vec<u8>) {
     put_any_value(v, out);
 }
 
-fn span_flags(s: &Span) -> u32 {
-    let mut flags = u32::from(s.flags);
-    // A SERVER span's parent came from the request's `traceparent`: another process. For
-    // CLIENT spans we don't know, so say nothing.
-    if s.parent_span_id.is_some() && s.kind == SpanKind::Server {
-        flags |= FLAGS_HAS_IS_REMOTE | FLAGS_IS_REMOTE;
-    }
-    flags
-}
-
 fn status_len(description: &str) -> usize {
     opt_bytes(STATUS_MESSAGE, description.len()) + key_len(STATUS_CODE) + 1
 }
@@ -267,7 +254,6 @@ fn scope_len() -> usize {
 
 /// One process's spans within a request.
 struct Group {
-    resource: *const Resource,
     /// Indices into the spans, in order.
     spans: Vec<u32>,
     /// Sum of the spans' framed sizes.
@@ -277,15 +263,12 @@ struct Group {
 /// Reusable scratch for [`Encoder::encode`]: keeps its allocations between requests.
 #[derive(Default)]
 pub struct Encoder {
-    index: HashMap<*const Resource, usize>,
+    /// Resource address (identity of the process) → index into `groups`.
+    index: HashMap<usize, usize>,
     groups: Vec<Group>,
     /// Body length of each span, by index.
     lens: Vec<u32>,
 }
-
-// SAFETY: the raw pointers are only compared as identities (never dereferenced) and are
-// cleared at the end of every `encode`.
-unsafe impl Send for Encoder {}
 
 impl Encoder {
     /// Appends the encoded `ExportTraceServiceRequest` for `spans` to `out`; returns its size.
@@ -298,17 +281,15 @@ impl Encoder {
             self.lens.push(len as u32);
             let g = *self
                 .index
-                .entry(Arc::as_ptr(&s.resource))
+                .entry(Arc::as_ptr(&s.resource) as usize)
                 .or_insert_with(|| {
                     if used == self.groups.len() {
                         self.groups.push(Group {
-                            resource: std::ptr::null(),
                             spans: Vec::new(),
                             spans_len: 0,
                         });
                     }
                     let g = &mut self.groups[used];
-                    g.resource = Arc::as_ptr(&s.resource);
                     g.spans.clear();
                     g.spans_len = 0;
                     used += 1;
@@ -345,13 +326,6 @@ impl Encoder {
     }
 }
 
-/// Encodes `spans` into a new buffer (one-off use; the exporter keeps an [`Encoder`]).
-pub fn encode_request(spans: &[Span]) -> Vec<u8> {
-    let mut out = Vec::new();
-    Encoder::default().encode(spans, &mut out);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -363,6 +337,12 @@ mod tests {
         to_request,
     };
     use crate::span::SpanId;
+
+    fn encode_request(spans: &[Span]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Encoder::default().encode(spans, &mut out);
+        out
+    }
 
     fn decoded(bytes: &[u8]) -> ExportTraceServiceRequest {
         ExportTraceServiceRequest::decode(bytes).expect("valid protobuf")
