@@ -68,6 +68,20 @@ struct Queue {
 }
 
 impl Queue {
+    fn new(max: usize, batch: usize, stats: Arc<Stats>) -> Queue {
+        Queue {
+            spans: Mutex::new(VecDeque::new()),
+            room: Condvar::new(),
+            last_take: Mutex::new(Instant::now()),
+            max,
+            batch,
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            stats,
+        }
+    }
+
     fn push(&self, mut spans: Vec<Span>) {
         let n = spans.len();
         if n == 0 {
@@ -79,10 +93,11 @@ impl Queue {
         }
         let len = {
             let mut q = self.spans.lock().unwrap();
-            if self.max.saturating_sub(q.len()) < n && self.exporter_progressing() {
+            let full = |q: &VecDeque<Span>| self.max.saturating_sub(q.len()) < n;
+            if full(&q) && self.exporter_progressing() {
                 // Full but moving: wait (bounded) for the export task to take a batch.
                 let deadline = Instant::now() + BACKPRESSURE_WAIT;
-                while self.max.saturating_sub(q.len()) < n && !self.closed.load(Ordering::Acquire) {
+                while full(&q) && !self.closed.load(Ordering::Acquire) {
                     let now = Instant::now();
                     if now >= deadline {
                         break;
@@ -272,17 +287,11 @@ pub fn spawn_with_output(
     out: Box<dyn Write + Send>,
 ) -> (SpanSender, ExportTask) {
     let max = cfg.max_queue_size.max(1);
-    let queue = Arc::new(Queue {
-        spans: Mutex::new(VecDeque::new()),
-        room: Condvar::new(),
-        last_take: Mutex::new(Instant::now()),
+    let queue = Arc::new(Queue::new(
         max,
-        batch: cfg.max_export_batch_size.clamp(1, max),
-        notify: Notify::new(),
-        closed: AtomicBool::new(false),
-        in_flight: AtomicUsize::new(0),
-        stats: stats.clone(),
-    });
+        cfg.max_export_batch_size.clamp(1, max),
+        stats.clone(),
+    ));
     let (tx, rx) = watch::channel(None);
     let shutdown = Shutdown {
         rx,
@@ -474,17 +483,7 @@ mod tests {
     use super::*;
 
     fn queue(max: usize, stats: &Arc<Stats>) -> Arc<Queue> {
-        Arc::new(Queue {
-            spans: Mutex::new(VecDeque::new()),
-            room: Condvar::new(),
-            last_take: Mutex::new(Instant::now()),
-            max,
-            batch: max,
-            notify: Notify::new(),
-            closed: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            stats: stats.clone(),
-        })
+        Arc::new(Queue::new(max, max, stats.clone()))
     }
 
     fn spans(n: usize) -> Vec<Span> {
