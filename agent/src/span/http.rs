@@ -98,8 +98,11 @@ pub fn build(
         "network.protocol.version",
         if req.minor_version == 0 { "1.0" } else { "1.1" }.into(),
     ));
-    if let Some(peer) = ex.remote {
-        attrs.push(("network.peer.address", ip_text(peer.ip()).into()));
+    // Formatted once: also the client address (server side) or the server (client side,
+    // without a Host header).
+    let peer_ip = ex.remote.map(|r| ip_text(r.ip()));
+    if let (Some(peer), Some(ip)) = (ex.remote, &peer_ip) {
+        attrs.push(("network.peer.address", ip.clone().into()));
         attrs.push(("network.peer.port", AttrValue::Int(peer.port() as i64)));
     }
     if let Some(ua) = &req.user_agent {
@@ -120,17 +123,14 @@ pub fn build(
             if let Some(p) = server_port {
                 attrs.push(("server.port", AttrValue::Int(p as i64)));
             }
-            let client = req
-                .forwarded_for
-                .clone()
-                .or_else(|| ex.remote.map(|r| ip_text(r.ip())));
+            let client = req.forwarded_for.clone().or_else(|| peer_ip.clone());
             if let Some(c) = client {
                 attrs.push(("client.address", c.into()));
             }
             SpanKind::Server
         }
         Side::Client => {
-            let (addr, port) = client_server(host, host_port, ex.remote);
+            let (addr, port) = client_server(host, host_port, peer_ip, ex.remote);
             attrs.push((
                 "url.full",
                 url_full(&req.target, addr.as_deref(), port, query.as_deref()).into(),
@@ -235,11 +235,12 @@ fn split_host(h: &str) -> (Option<&str>, Option<u16>) {
 fn client_server(
     host: Option<&str>,
     host_port: Option<u16>,
+    peer_ip: Option<String>,
     remote: Option<SocketAddr>,
 ) -> (Option<String>, Option<u16>) {
     match host {
         Some(h) => (Some(h.to_string()), host_port.or(Some(80))),
-        None => (remote.map(|r| ip_text(r.ip())), remote.map(|r| r.port())),
+        None => (peer_ip, remote.map(|r| r.port())),
     }
 }
 
