@@ -181,16 +181,7 @@ pub fn stat(log: &str, name: &str) -> Option<u64> {
 /// The python test app (tests/fixtures/app.py) on a free port.
 pub fn python_app(service: &str) -> (Proc, u16) {
     let port = free_port();
-    let p = Proc::spawn(
-        service,
-        Command::new("python3")
-            .arg(fixture("app.py"))
-            .arg(port.to_string())
-            .env("OTEL_SERVICE_NAME", service)
-            .env_remove("OTEL_RESOURCE_ATTRIBUTES"),
-    );
-    wait_port(port);
-    (p, port)
+    (python_app_on(service, port), port)
 }
 
 /// Stock nginx with a test config on a free port; removes its temp dir when dropped.
