@@ -268,7 +268,7 @@ impl Replayer {
                 self.r.complete_200 += 1;
             }
             let resource = self.registry.resource(ex.conn.tgid);
-            self.spans.push(self.assembler.assemble(&ex, resource));
+            self.spans.push(self.assembler.assemble(ex, resource));
         }
         self.r.assemble += t.elapsed();
         if let Some(keep) = &mut self.keep {

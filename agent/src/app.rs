@@ -180,7 +180,7 @@ struct Pipeline {
     starts: Vec<RequestStart>,
     spans: Vec<Span>,
     trace_sdk: bool,
-    sdk_skipped: std::collections::HashSet<u32>,
+    sdk_skipped: foldhash::HashSet<u32>,
 }
 
 impl Pipeline {
@@ -298,9 +298,10 @@ impl Pipeline {
 
     fn assemble_pending(&mut self) {
         for ex in self.exchanges.drain(..) {
-            let resource = self.registry.resource(ex.conn.tgid);
-            let span = self.assembler.assemble(&ex, resource);
-            if self.sdk_skipped.contains(&ex.conn.tgid) {
+            let tgid = ex.conn.tgid;
+            let resource = self.registry.resource(tgid);
+            let span = self.assembler.assemble(ex, resource);
+            if self.sdk_skipped.contains(&tgid) {
                 Stats::inc(&self.stats.sdk_spans_skipped);
                 continue;
             }

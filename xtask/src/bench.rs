@@ -79,12 +79,18 @@ impl Plan {
     }
 }
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, rates_only: &[u64]) -> Result<()> {
     let started = Instant::now();
     setup::setup(true)?;
     let sonde = setup::build_release()?;
+    let mut plan = Plan::new(quick);
+    if !rates_only.is_empty() {
+        plan.rates = rates_only.to_vec();
+        // SONDE_BENCH_BIN: another sonde build to compare against (A/B of a change).
+        let bin = std::env::var_os("SONDE_BENCH_BIN").map_or(sonde, PathBuf::from);
+        return only_rates(&plan, &bin);
+    }
     let example = build_example()?;
-    let plan = Plan::new(quick);
     let nofile = procs::raise_nofile(65_536)?;
     if (plan.hold_conns as u64) + 1024 > nofile {
         bail!(
@@ -142,6 +148,27 @@ pub fn run(quick: bool) -> Result<()> {
 /// Builds `agent/examples/bench.rs` in release mode. Same PATH as `setup::build_release`
 /// (bpf-linker first): the agent's build script watches PATH, so a different one would
 /// rebuild the kernel programs each time.
+/// `--rates-only`: the fixed-rate runs alone, their per-run lines and the per-rate medians.
+fn only_rates(plan: &Plan, sonde: &Path) -> Result<()> {
+    procs::raise_nofile(65_536)?;
+    let nginx = Nginx::start(65_536)?;
+    let rx = Receiver::start()?;
+    let mut raw = String::new();
+    let rows = fixed_rates(plan, sonde, &nginx, &rx, &mut raw)?;
+    for r in &rows {
+        println!(
+            "{} req/s: sonde {:.2} µs/req, nginx {:.2} → {:.2} µs/req, p99 {:.1} → {:.1} µs",
+            r.rate,
+            r.with.per_req_us(r.with.sonde_cpu.sched_ns),
+            r.without.per_req_us(r.without.nginx_cpu.sched_ns),
+            r.with.per_req_us(r.with.nginx_cpu.sched_ns),
+            r.without.p(0.99),
+            r.with.p(0.99),
+        );
+    }
+    Ok(())
+}
+
 fn build_example() -> Result<PathBuf> {
     let root = util::workspace_root();
     let sysroot = util::output(

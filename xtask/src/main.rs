@@ -44,6 +44,10 @@ enum Cmd {
         /// Shorter runs (for a smoke check).
         #[arg(long)]
         quick: bool,
+        /// Only the fixed-rate part, at these rates (req/s, comma-separated): a quick A/B
+        /// of sonde's cost per request.
+        #[arg(long, value_delimiter = ',')]
+        rates_only: Vec<u64>,
     },
 }
 
@@ -54,7 +58,7 @@ fn main() -> Result<()> {
         Cmd::Demo => demo::run(),
         Cmd::Test { filter } => test(filter),
         Cmd::Fuzz { seconds } => fuzz::fuzz(seconds),
-        Cmd::Bench { quick } => bench::run(quick),
+        Cmd::Bench { quick, rates_only } => bench::run(quick, &rates_only),
     }
 }
 

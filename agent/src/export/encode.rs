@@ -6,7 +6,7 @@
 //! each), but without building it: no owned `opentelemetry-proto` structs, no allocation per
 //! attribute, and every length computed once. Tests check the output byte for byte against
 //! prost encoding `to_request`, and decode it with `opentelemetry-proto`.
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use super::convert::{SCOPE_NAME, SCOPE_VERSION, span_flags};

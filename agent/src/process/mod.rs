@@ -1,6 +1,6 @@
 //! Traced processes: their OpenTelemetry Resource (read from /proc) and which ones to trace.
+use foldhash::HashMap;
 use std::{
-    collections::HashMap,
     fs,
     path::{Path, PathBuf},
     sync::Arc,
@@ -33,9 +33,9 @@ impl Registry {
         Registry {
             proc_root: root.into(),
             host_name: host_name(),
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             names: Vec::new(),
-            sdk: HashMap::new(),
+            sdk: HashMap::default(),
         }
     }
 

@@ -18,8 +18,9 @@
 //! Guard rails: a context is adopted only while fresh (`max_context_age_ns`), a server request
 //! parents at most `max_children` calls, a same-host client context is adopted once, and a
 //! child never starts before its parent.
+use foldhash::HashMap;
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::SocketAddr,
     sync::Arc,
 };
@@ -102,11 +103,11 @@ impl Assembler {
             clock,
             opts,
             link,
-            servers: HashMap::new(),
-            by_thread: HashMap::new(),
-            by_process: HashMap::new(),
-            clients: HashMap::new(),
-            peers: HashMap::new(),
+            servers: HashMap::default(),
+            by_thread: HashMap::default(),
+            by_process: HashMap::default(),
+            clients: HashMap::default(),
+            peers: HashMap::default(),
             peer_count: 0,
         }
     }
@@ -285,7 +286,7 @@ impl Assembler {
     }
 
     /// Builds the span of a completed exchange with the identity chosen at its start.
-    pub fn assemble(&mut self, ex: &Exchange, resource: Arc<Resource>) -> Span {
+    pub fn assemble(&mut self, ex: Exchange, resource: Arc<Resource>) -> Span {
         let ctx = match ex.side {
             Side::Server => {
                 let ctx = pop_matching(&mut self.servers, &ex.conn, ex.start_ns);
@@ -298,7 +299,7 @@ impl Assembler {
         };
         let (lineage, span_id) = match ctx {
             Some(c) => (c.lineage, c.span_id),
-            None => (http::default_lineage(ex), SpanId::random()),
+            None => (http::default_lineage(&ex), SpanId::random()),
         };
         http::build(ex, lineage, span_id, resource, &self.clock, &self.opts)
     }

@@ -100,9 +100,9 @@ fn nests_server_client_server_across_processes() {
     a.on_start(&a_srv);
     a.on_start(&a_cli);
     a.on_start(&b_srv);
-    let sb = a.assemble(&exchange(&b_srv, 300), res(2));
-    let ca = a.assemble(&exchange(&a_cli, 350), res(1));
-    let sa = a.assemble(&exchange(&a_srv, 400), res(1));
+    let sb = a.assemble(exchange(&b_srv, 300), res(2));
+    let ca = a.assemble(exchange(&a_cli, 350), res(1));
+    let sa = a.assemble(exchange(&a_srv, 400), res(1));
     assert_eq!(sa.parent_span_id, None);
     assert_eq!(ca.parent_span_id, Some(sa.span_id));
     assert_eq!(sb.parent_span_id, Some(ca.span_id));
@@ -132,8 +132,8 @@ fn incoming_traceparent_roots_the_chain() {
     );
     a.on_start(&s);
     a.on_start(&c);
-    let cs = a.assemble(&exchange(&c, 300), res(1));
-    let ss = a.assemble(&exchange(&s, 400), res(1));
+    let cs = a.assemble(exchange(&c, 300), res(1));
+    let ss = a.assemble(exchange(&s, 400), res(1));
     assert_eq!(ss.trace_id.to_string(), "0af7651916cd43dd8448eb211c80319c");
     assert_eq!(ss.parent_span_id.unwrap().to_string(), "b7ad6b7169203331");
     assert_eq!(cs.trace_id, ss.trace_id);
@@ -170,7 +170,7 @@ fn event_loop_with_two_requests_in_flight_gives_no_parent() {
     a.on_start(&s1);
     a.on_start(&s2);
     a.on_start(&c);
-    let cs = a.assemble(&exchange(&c, 300), res(1));
+    let cs = a.assemble(exchange(&c, 300), res(1));
     assert_eq!(cs.parent_span_id, None, "ambiguous: no parent");
     // Thread pool: handled on another thread, but only one request in flight.
     let mut a = asm();
@@ -184,8 +184,8 @@ fn event_loop_with_two_requests_in_flight_gives_no_parent() {
         "10.0.0.9:80",
     );
     a.on_start(&c);
-    let cs = a.assemble(&exchange(&c, 300), res(1));
-    let ss = a.assemble(&exchange(&s1, 400), res(1));
+    let cs = a.assemble(exchange(&c, 300), res(1));
+    let ss = a.assemble(exchange(&s1, 400), res(1));
     assert_eq!(cs.parent_span_id, Some(ss.span_id));
 }
 
@@ -201,7 +201,7 @@ fn keep_alive_requests_do_not_inherit_a_finished_parent() {
         "127.0.0.1:4",
     );
     a.on_start(&s1);
-    let _ = a.assemble(&exchange(&s1, 150), res(1));
+    let _ = a.assemble(exchange(&s1, 150), res(1));
     // A call made after the request finished has no parent.
     let c = start(
         conn(1, 7),
@@ -212,7 +212,7 @@ fn keep_alive_requests_do_not_inherit_a_finished_parent() {
         "10.0.0.9:80",
     );
     a.on_start(&c);
-    assert_eq!(a.assemble(&exchange(&c, 300), res(1)).parent_span_id, None);
+    assert_eq!(a.assemble(exchange(&c, 300), res(1)).parent_span_id, None);
 }
 
 #[test]
@@ -247,7 +247,7 @@ fn guard_rails_bound_adoption() {
         );
         a.on_start(&c);
         parents.push(
-            a.assemble(&exchange(&c, 300), res(1))
+            a.assemble(exchange(&c, 300), res(1))
                 .parent_span_id
                 .is_some(),
         );
@@ -271,7 +271,7 @@ fn guard_rails_bound_adoption() {
     b.on_start(&s);
     b.on_start(&c);
     assert_eq!(
-        b.assemble(&exchange(&c, 6_000), res(1)).parent_span_id,
+        b.assemble(exchange(&c, 6_000), res(1)).parent_span_id,
         None
     );
     // A same-host client context is adopted once: a second server request on that
@@ -305,12 +305,12 @@ fn guard_rails_bound_adoption() {
     d.on_start(&s1);
     d.on_start(&s2);
     assert!(
-        d.assemble(&exchange(&s1, 25), res(2))
+        d.assemble(exchange(&s1, 25), res(2))
             .parent_span_id
             .is_some()
     );
     assert!(
-        d.assemble(&exchange(&s2, 35), res(2))
+        d.assemble(exchange(&s2, 35), res(2))
             .parent_span_id
             .is_none()
     );
@@ -335,7 +335,7 @@ fn guard_rails_bound_adoption() {
     e.on_start(&early);
     e.on_start(&late);
     assert!(
-        e.assemble(&exchange(&early, 45), res(2))
+        e.assemble(exchange(&early, 45), res(2))
             .parent_span_id
             .is_none()
     );
@@ -387,9 +387,9 @@ fn kernel_chosen_ids_make_the_wire_and_the_spans_agree() {
     a.on_start(&s);
     a.on_start(&c);
     a.on_start(&b);
-    let sb = a.assemble(&exchange(&b, 300), res(2));
-    let cs = a.assemble(&exchange(&c, 350), res(1));
-    let ss = a.assemble(&exchange(&s, 400), res(1));
+    let sb = a.assemble(exchange(&b, 300), res(2));
+    let cs = a.assemble(exchange(&c, 350), res(1));
+    let ss = a.assemble(exchange(&s, 400), res(1));
     assert_eq!(ss.trace_id, TraceId(t));
     assert_eq!(cs.span_id, SpanId([9; 8]));
     assert_eq!(cs.parent_span_id, Some(ss.span_id));
@@ -408,7 +408,7 @@ fn kernel_chosen_ids_make_the_wire_and_the_spans_agree() {
         "10.0.0.9:4",
     ));
     d.on_start(&c);
-    let cs = d.assemble(&exchange(&c, 350), res(1));
+    let cs = d.assemble(exchange(&c, 350), res(1));
     assert_eq!((cs.trace_id, cs.parent_span_id), (TraceId(t), None));
 }
 
@@ -441,7 +441,7 @@ fn same_host_linking_can_be_switched_off_and_headers_of_other_traces_win() {
     a.on_start(&cl);
     a.on_start(&sv);
     assert!(
-        a.assemble(&exchange(&sv, 25), res(2))
+        a.assemble(exchange(&sv, 25), res(2))
             .parent_span_id
             .is_none()
     );
@@ -451,6 +451,6 @@ fn same_host_linking_can_be_switched_off_and_headers_of_other_traces_win() {
     sv.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
     b.on_start(&cl);
     b.on_start(&sv);
-    let s = b.assemble(&exchange(&sv, 25), res(2));
+    let s = b.assemble(exchange(&sv, 25), res(2));
     assert_eq!(s.parent_span_id.unwrap().to_string(), "b7ad6b7169203331");
 }

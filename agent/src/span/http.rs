@@ -65,16 +65,16 @@ pub fn default_lineage(ex: &Exchange) -> Lineage {
         .unwrap_or_else(Lineage::root)
 }
 
-/// Builds the span for `ex`.
+/// Builds the span for `ex`, moving its strings into attributes where they are used as-is.
 pub fn build(
-    ex: &Exchange,
+    ex: Exchange,
     lineage: Lineage,
     span_id: SpanId,
     resource: Arc<Resource>,
     clock: &BootClock,
     opts: &SpanOptions,
 ) -> Span {
-    let req = &ex.request;
+    let mut req = ex.request;
     let mut attrs: Vec<Attribute> = Vec::with_capacity(14);
 
     let method: &'static str = KNOWN_METHODS
@@ -86,6 +86,9 @@ pub fn build(
         attrs.push(("http.request.method_original", AttrValue::text(&req.method)));
     }
 
+    let tracestate = req.tracestate.take().filter(|_| lineage.parent.is_some());
+    let user_agent = req.user_agent.take();
+    let forwarded_for = req.forwarded_for.take();
     let (path, query) = split_target(&req.target);
     let query = query.map(|q| redact_query(q, &opts.redact_params));
     let (host, host_port) = req.host.as_deref().map(split_host).unwrap_or((None, None));
@@ -105,26 +108,36 @@ pub fn build(
         attrs.push(("network.peer.address", ip.clone().into()));
         attrs.push(("network.peer.port", AttrValue::Int(peer.port() as i64)));
     }
-    if let Some(ua) = &req.user_agent {
-        attrs.push(("user_agent.original", AttrValue::text(ua)));
+    if let Some(ua) = user_agent {
+        attrs.push(("user_agent.original", ua.into()));
     }
 
     let kind = match ex.side {
         Side::Server => {
             attrs.push(("url.scheme", "http".into()));
-            attrs.push(("url.path", AttrValue::text(path)));
-            if let Some(q) = &query {
-                attrs.push(("url.query", AttrValue::text(q)));
-            }
             let server_port = host_port.or(ex.local.map(|l| l.port()));
+            let host_is_whole = host.is_some_and(|h| h.len() == req.host.as_ref().map_or(0, String::len));
+            let host = match host {
+                Some(_) if host_is_whole => req.host.take().map(AttrValue::from),
+                h => h.map(AttrValue::text),
+            };
+            let path_is_whole = path.len() == req.target.len();
+            let path = if path_is_whole {
+                std::mem::take(&mut req.target).into()
+            } else {
+                AttrValue::text(path)
+            };
+            attrs.push(("url.path", path));
+            if let Some(q) = query {
+                attrs.push(("url.query", q.into()));
+            }
             if let Some(h) = host {
-                attrs.push(("server.address", AttrValue::text(h)));
+                attrs.push(("server.address", h));
             }
             if let Some(p) = server_port {
                 attrs.push(("server.port", AttrValue::Int(p as i64)));
             }
-            let client = req.forwarded_for.clone().or_else(|| peer_ip.clone());
-            if let Some(c) = client {
+            if let Some(c) = forwarded_for.or(peer_ip) {
                 attrs.push(("client.address", c.into()));
             }
             SpanKind::Server
@@ -185,11 +198,7 @@ pub fn build(
         span_id,
         parent_span_id: lineage.parent,
         flags: lineage.flags,
-        trace_state: ex
-            .request
-            .tracestate
-            .clone()
-            .filter(|_| lineage.parent.is_some()),
+        trace_state: tracestate,
         name: if method == "_OTHER" { "HTTP" } else { method }.into(),
         kind,
         start_unix_ns: start,
@@ -381,7 +390,7 @@ mod tests {
 
     fn span(ex: &Exchange) -> Span {
         build(
-            ex,
+            ex.clone(),
             default_lineage(ex),
             SpanId::random(),
             res(),
@@ -424,6 +433,29 @@ mod tests {
         let sp = span(&exchange(Side::Server, "GET", "/", Some(503)));
         assert!(matches!(sp.status, Status::Error { .. }));
         assert_eq!(s(&sp, "error.type").as_deref(), Some("503"));
+    }
+
+    #[test]
+    fn server_span_strings_taken_whole_or_in_part() {
+        let mut ex = exchange(Side::Server, "GET", "/whole", Some(200));
+        ex.request.host = Some("shop.local".into());
+        ex.request.user_agent = Some("curl/8".into());
+        ex.request.forwarded_for = Some("10.1.2.3".into());
+        let sp = span(&ex);
+        assert_eq!(s(&sp, "url.path").as_deref(), Some("/whole"));
+        assert_eq!(s(&sp, "url.query"), None);
+        assert_eq!(s(&sp, "server.address").as_deref(), Some("shop.local"));
+        assert_eq!(s(&sp, "server.port").as_deref(), Some("8080"), "from the socket");
+        assert_eq!(s(&sp, "user_agent.original").as_deref(), Some("curl/8"));
+        assert_eq!(s(&sp, "client.address").as_deref(), Some("10.1.2.3"));
+        assert_eq!(s(&sp, "network.peer.address").as_deref(), Some("127.0.0.1"));
+
+        let mut ex = exchange(Side::Server, "GET", "http://h.example/p#frag", Some(200));
+        ex.request.host = Some("[::1]:9".into());
+        let sp = span(&ex);
+        assert_eq!(s(&sp, "url.path").as_deref(), Some("/p"));
+        assert_eq!(s(&sp, "server.address").as_deref(), Some("::1"));
+        assert_eq!(s(&sp, "server.port").as_deref(), Some("9"));
     }
 
     #[test]
