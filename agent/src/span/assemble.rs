@@ -248,9 +248,7 @@ impl Assembler {
                 break;
             }
         }
-        if q.is_empty() {
-            self.peers.remove(&(r, l));
-        }
+        // An emptied queue stays until `expire` (keep-alive connections reuse it).
         found
     }
 
@@ -306,20 +304,19 @@ impl Assembler {
 
     /// The server request `c` of process `tgid` completed: it parents nothing from now on.
     fn close_server(&mut self, tgid: u32, c: Ctx) {
-        fn remove<K: std::hash::Hash + Eq>(
+        fn close<K: std::hash::Hash + Eq>(
             map: &mut HashMap<K, Vec<OpenServer>>,
             key: K,
             span: SpanId,
         ) {
+            // An emptied list stays (with its allocation) for this thread's next request;
+            // `expire` drops idle ones.
             if let Some(v) = map.get_mut(&key) {
                 v.retain(|o| o.ctx.span_id != span);
-                if v.is_empty() {
-                    map.remove(&key);
-                }
             }
         }
-        remove(&mut self.by_thread, (tgid, c.tid), c.span_id);
-        remove(&mut self.by_process, tgid, c.span_id);
+        close(&mut self.by_thread, (tgid, c.tid), c.span_id);
+        close(&mut self.by_process, tgid, c.span_id);
     }
 
     /// Drops per-process state of an exited process.
@@ -373,6 +370,7 @@ impl Assembler {
 }
 
 /// Pops the context started at `start_ns` (older ones belong to requests that were lost).
+/// An emptied queue stays for the connection's next request; `expire` drops idle ones.
 fn pop_matching(
     map: &mut HashMap<ConnId, VecDeque<Ctx>>,
     conn: &ConnId,
@@ -389,9 +387,6 @@ fn pop_matching(
             found = Some(c);
             break;
         }
-    }
-    if q.is_empty() {
-        map.remove(conn);
     }
     found
 }
