@@ -83,7 +83,7 @@ pub struct RunConfig {
     /// Each wakeup has a fixed cost: fewer, larger drains cost less CPU per request. The
     /// kernel wakes the reader early when the buffer fills, and spans wait for export
     /// batching anyway, so a longer period costs no data and no visible delay.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub drain_ms: u64,
     /// Events are held this long and processed in timestamp order, so that a request written
     /// on one CPU is seen before the peer's read of it on another (cross-process links).
