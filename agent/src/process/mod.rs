@@ -1,10 +1,11 @@
 //! Traced processes: their OpenTelemetry Resource (read from /proc) and which ones to trace.
-use foldhash::HashMap;
 use std::{
     fs,
     path::{Path, PathBuf},
     sync::Arc,
 };
+
+use foldhash::HashMap;
 
 use crate::span::{AttrValue, Resource};
 

@@ -18,14 +18,10 @@
 //! Guard rails: a context is adopted only while fresh (`max_context_age_ns`), a server request
 //! parents at most `max_children` calls, a same-host client context is adopted once, and a
 //! child never starts before its parent.
-use foldhash::HashMap;
-use std::{
-    collections::VecDeque,
-    net::SocketAddr,
-    sync::Arc,
-};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
 
 use agent_common::ConnId;
+use foldhash::HashMap;
 
 use super::{
     Resource, Span, SpanId, TraceContext, TraceId,

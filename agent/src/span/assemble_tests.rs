@@ -270,10 +270,7 @@ fn guard_rails_bound_adoption() {
     b.link.max_context_age_ns = 1_000;
     b.on_start(&s);
     b.on_start(&c);
-    assert_eq!(
-        b.assemble(exchange(&c, 6_000), res(1)).parent_span_id,
-        None
-    );
+    assert_eq!(b.assemble(exchange(&c, 6_000), res(1)).parent_span_id, None);
     // A same-host client context is adopted once: a second server request on that
     // connection without its own client request gets none.
     let mut d = asm();

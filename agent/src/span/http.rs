@@ -116,7 +116,8 @@ pub fn build(
         Side::Server => {
             attrs.push(("url.scheme", "http".into()));
             let server_port = host_port.or(ex.local.map(|l| l.port()));
-            let host_is_whole = host.is_some_and(|h| h.len() == req.host.as_ref().map_or(0, String::len));
+            let host_is_whole =
+                host.is_some_and(|h| h.len() == req.host.as_ref().map_or(0, String::len));
             let host = match host {
                 Some(_) if host_is_whole => req.host.take().map(AttrValue::from),
                 h => h.map(AttrValue::text),
@@ -445,7 +446,11 @@ mod tests {
         assert_eq!(s(&sp, "url.path").as_deref(), Some("/whole"));
         assert_eq!(s(&sp, "url.query"), None);
         assert_eq!(s(&sp, "server.address").as_deref(), Some("shop.local"));
-        assert_eq!(s(&sp, "server.port").as_deref(), Some("8080"), "from the socket");
+        assert_eq!(
+            s(&sp, "server.port").as_deref(),
+            Some("8080"),
+            "from the socket"
+        );
         assert_eq!(s(&sp, "user_agent.original").as_deref(), Some("curl/8"));
         assert_eq!(s(&sp, "client.address").as_deref(), Some("10.1.2.3"));
         assert_eq!(s(&sp, "network.peer.address").as_deref(), Some("127.0.0.1"));
