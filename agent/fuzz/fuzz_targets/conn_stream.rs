@@ -221,7 +221,7 @@ fuzz_target!(|input: &[u8]| {
     };
     for ex in &out {
         let span = http::build(
-            ex,
+            ex.clone(),
             http::default_lineage(ex),
             SpanId::random(),
             resource.clone(),
