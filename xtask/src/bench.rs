@@ -145,13 +145,11 @@ pub fn run(quick: bool, rates_only: &[u64]) -> Result<()> {
     Ok(())
 }
 
-/// Builds `agent/examples/bench.rs` in release mode. Same PATH as `setup::build_release`
-/// (bpf-linker first): the agent's build script watches PATH, so a different one would
-/// rebuild the kernel programs each time.
-/// `--rates-only`: the fixed-rate runs alone, their per-run lines and the per-rate medians.
+/// `--rates-only`: the fixed-rate runs alone: their per-run lines, then per rate the figures
+/// over all its rounds.
 fn only_rates(plan: &Plan, sonde: &Path) -> Result<()> {
-    procs::raise_nofile(65_536)?;
-    let nginx = Nginx::start(65_536)?;
+    let nofile = procs::raise_nofile(65_536)?;
+    let nginx = Nginx::start(nofile)?;
     let rx = Receiver::start()?;
     let mut raw = String::new();
     let rows = fixed_rates(plan, sonde, &nginx, &rx, &mut raw)?;
@@ -169,6 +167,9 @@ fn only_rates(plan: &Plan, sonde: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Builds `agent/examples/bench.rs` in release mode. Same PATH as `setup::build_release`
+/// (bpf-linker first): the agent's build script watches PATH, so a different one would
+/// rebuild the kernel programs each time.
 fn build_example() -> Result<PathBuf> {
     let root = util::workspace_root();
     let sysroot = util::output(

@@ -244,12 +244,15 @@ pub fn parse_response(buf: &[u8]) -> Parsed<ResponseHead> {
     }
 }
 
-/// The method as text: a `'static` borrow when it is one of the usual methods.
+/// The standard methods (RFC 9110, PATCH and QUERY): the ones the HTTP semantic conventions
+/// name. Parsed heads borrow these instead of allocating.
+pub const STANDARD_METHODS: [&str; 10] = [
+    "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE",
+];
+
+/// The method as text: a `'static` borrow when it is a standard one.
 fn method_text(m: &str) -> Cow<'static, str> {
-    const COMMON: [&str; 10] = [
-        "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE", "QUERY",
-    ];
-    match COMMON.into_iter().find(|c| *c == m) {
+    match STANDARD_METHODS.into_iter().find(|c| *c == m) {
         Some(c) => Cow::Borrowed(c),
         None => Cow::Owned(m.to_owned()),
     }

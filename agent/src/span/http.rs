@@ -11,12 +11,8 @@ use super::{
 use crate::{
     clock::BootClock,
     conn::{Exchange, Outcome, Side},
+    protocol::http1::STANDARD_METHODS,
 };
-
-/// Methods the conventions know; anything else is reported as `_OTHER`.
-const KNOWN_METHODS: [&str; 10] = [
-    "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE",
-];
 
 /// Query parameters whose values are always redacted (the conventions' list).
 const REDACTED_PARAMS: [&str; 4] = ["AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature"];
@@ -77,7 +73,8 @@ pub fn build(
     let mut req = ex.request;
     let mut attrs: Vec<Attribute> = Vec::with_capacity(14);
 
-    let method: &'static str = KNOWN_METHODS
+    // The methods the conventions know; anything else is reported as `_OTHER`.
+    let method: &'static str = STANDARD_METHODS
         .into_iter()
         .find(|m| *m == req.method)
         .unwrap_or("_OTHER");
@@ -116,14 +113,13 @@ pub fn build(
         Side::Server => {
             attrs.push(("url.scheme", "http".into()));
             let server_port = host_port.or(ex.local.map(|l| l.port()));
-            let host_is_whole =
-                host.is_some_and(|h| h.len() == req.host.as_ref().map_or(0, String::len));
+            // A part as long as the whole string is the whole string: moved, not copied.
+            let host_len = req.host.as_ref().map_or(0, String::len);
             let host = match host {
-                Some(_) if host_is_whole => req.host.take().map(AttrValue::from),
+                Some(h) if h.len() == host_len => req.host.take().map(AttrValue::from),
                 h => h.map(AttrValue::text),
             };
-            let path_is_whole = path.len() == req.target.len();
-            let path = if path_is_whole {
+            let path = if path.len() == req.target.len() {
                 std::mem::take(&mut req.target).into()
             } else {
                 AttrValue::text(path)
