@@ -44,6 +44,8 @@ pub const ROLE_CLIENT: u8 = 2;
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 
+/// An empty argument slot (the syscall that filled it has exited).
+pub const SYS_NONE: u8 = 0;
 /// Which syscall produced a data event (diagnostics only).
 pub const SYS_READ: u8 = 1;
 pub const SYS_WRITE: u8 = 2;
@@ -54,6 +56,8 @@ pub const SYS_SENDTO: u8 = 6;
 pub const SYS_RECVMSG: u8 = 7;
 pub const SYS_SENDMSG: u8 = 8;
 pub const SYS_SENDFILE: u8 = 9;
+/// Only in argument slots, never in events.
+pub const SYS_CONNECT: u8 = 10;
 
 /// A connection's identity. `gen` is the kernel monotonic time at which sonde first saw the
 /// (tgid, fd) pair, so a reused fd or a reused pid yields a new identity.

@@ -284,11 +284,11 @@ pub(crate) fn wakeup_flags() -> u64 {
 }
 
 /// Starts tracking `fd` of `tgid`. Returns the new state, or None if `fd` is not TCP.
+/// `now` stamps the open event and becomes the connection's generation; it must not be later
+/// than the first data event's timestamp.
 #[inline(always)]
-fn track(tgid: u32, tid: u32, fd: u32, role: u8) -> Option<ConnState> {
+fn track(tgid: u32, tid: u32, fd: u32, role: u8, now: u64) -> Option<ConnState> {
     let sk = tcp_sock(fd)?;
-    // SAFETY: helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     let mut ev = OpenEvent {
         hdr: EventHeader {
             kind: EV_OPEN,
@@ -370,7 +370,10 @@ fn on_accept(ctx: &TracePointContext) {
     if fd < 0 || !traced(tgid) {
         return;
     }
-    track(tgid, tid, fd as u32, ROLE_SERVER);
+    // SAFETY: helper with no arguments.
+    track(tgid, tid, fd as u32, ROLE_SERVER, unsafe {
+        bpf_ktime_get_ns()
+    });
 }
 
 #[tracepoint]
@@ -379,18 +382,16 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     if tgid != cfg_u32(addr_of!(CONFIG.self_tgid)) && !traced(tgid) {
         return 0;
     }
-    save_args(id, arg(&ctx, 0), 0, 0, ARG_NONE, 0);
+    save_args(id, arg(&ctx, 0), 0, 0, ARG_NONE, SYS_CONNECT, 0);
     0
 }
 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let (id, tgid, tid) = ids();
-    // SAFETY: value copied out immediately.
-    let Some(args) = (unsafe { ARGS.get(&id) }).copied() else {
+    let Some(args) = take_args(id, SYS_CONNECT) else {
         return 0;
     };
-    let _ = ARGS.remove(&id);
     let r = ret(&ctx);
     if r != 0 && r != EINPROGRESS {
         return 0;
@@ -407,7 +408,8 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         }
         return 0;
     }
-    track(tgid, tid, fd, ROLE_CLIENT);
+    // SAFETY: helper with no arguments.
+    track(tgid, tid, fd, ROLE_CLIENT, unsafe { bpf_ktime_get_ns() });
     0
 }
 
@@ -438,9 +440,14 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
-    let (_, tgid, tid) = ids();
+    let (id, tgid, tid) = ids();
+    if !traced(tgid) {
+        return 0;
+    }
+    // A thread killed inside a syscall never reaches its exit hook.
+    let _ = ARGS.remove(&id);
     // Only the thread-group leader's exit ends the process.
-    if tgid != tid || !traced(tgid) {
+    if tgid != tid {
         return 0;
     }
     emit_header(
@@ -457,8 +464,22 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 
 // ---- data syscalls -------------------------------------------------------------------------
 
+/// Remembers a syscall's arguments for its exit. The thread's slot is written in place once
+/// it exists: an LRU insert and delete per syscall cost more than the rest of the entry hook.
 #[inline(always)]
-fn save_args(id: u64, fd: u64, ptr: u64, count_: u64, kind: u8, syscall: u8) {
+fn save_args(id: u64, fd: u64, ptr: u64, count_: u64, kind: u8, syscall: u8, enter_ns: u64) {
+    if let Some(slot) = ARGS.get_ptr_mut(&id) {
+        // SAFETY: the slot belongs to this thread (keyed by pid_tgid); only it writes there.
+        unsafe {
+            (*slot).fd = fd;
+            (*slot).ptr = ptr;
+            (*slot).count = count_;
+            (*slot).kind = kind;
+            (*slot).enter_ns = enter_ns;
+            (*slot).syscall = syscall;
+        }
+        return;
+    }
     let a = SyscallArgs {
         fd,
         ptr,
@@ -466,55 +487,65 @@ fn save_args(id: u64, fd: u64, ptr: u64, count_: u64, kind: u8, syscall: u8) {
         kind,
         syscall,
         _pad: [0; 6],
-        // SAFETY: helper with no arguments.
-        enter_ns: unsafe { bpf_ktime_get_ns() },
+        enter_ns,
     };
     if ARGS.insert(&id, &a, 0).is_err() {
         count(Counter::ArgsTableFull);
     }
 }
 
-/// Entry of a data syscall: remember the arguments if `fd` is (or becomes) a tracked TCP
-/// connection. Connections that predate sonde are picked up here, on first use.
+/// The arguments saved at entry of `syscall` by this thread, consumed: a later exit of a
+/// syscall whose entry saved nothing finds the slot empty.
 #[inline(always)]
-fn data_enter(ctx: &TracePointContext, kind: u8, syscall: u8) {
-    let (id, tgid, tid) = ids();
+fn take_args(id: u64, syscall: u8) -> Option<SyscallArgs> {
+    let slot = ARGS.get_ptr_mut(&id)?;
+    // SAFETY: as in `save_args`.
+    unsafe {
+        if (*slot).syscall != syscall {
+            return None;
+        }
+        (*slot).syscall = SYS_NONE;
+        Some(*slot)
+    }
+}
+
+/// Entry of a data syscall of a traced process: remember the arguments. Whether `fd` is a
+/// TCP connection is settled at exit, and only when bytes moved.
+#[inline(always)]
+fn data_enter(ctx: &TracePointContext, kind: u8, syscall: u8, dir: u8) {
+    let (id, tgid, _) = ids();
     if !traced(tgid) {
         return;
     }
-    let fd = arg(ctx, 0);
-    let key = (tgid as u64) << 32 | (fd as u32) as u64;
-    // SAFETY: value copied out immediately.
-    let known = unsafe { CONNS.get(&key) }.copied();
-    let st = match known {
-        Some(st) => st,
-        None => match track(tgid, tid, fd as u32, ROLE_UNKNOWN) {
-            Some(st) => st,
-            None => return,
-        },
+    // Egress events are stamped at entry: a request's send starts its client span, and the
+    // peer may read it before this send returns.
+    let enter_ns = if dir == DIR_EGRESS {
+        // SAFETY: helper with no arguments.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
     };
-    if st.flags & CONN_F_IGNORE != 0 {
-        return;
-    }
-    if st.flags & CONN_F_CHECKED == 0
-        && st.role != ROLE_CLIENT
-        && !check_peer(key, &st, tgid, fd as u32)
-    {
-        return;
-    }
-    save_args(id, fd, arg(ctx, 1), arg(ctx, 2), kind, syscall);
+    save_args(
+        id,
+        arg(ctx, 0),
+        arg(ctx, 1),
+        arg(ctx, 2),
+        kind,
+        syscall,
+        enter_ns,
+    );
 }
 
 /// First data on an accepted connection: if its peer turned out to be sonde's exporter (its
 /// connect() returned after our accept), stop tracing it and tell userspace to forget it.
 /// Returns whether the connection is still traced.
 #[inline(always)]
-fn check_peer(key: u64, st: &ConnState, tgid: u32, fd: u32) -> bool {
-    let mut updated = *st;
+fn check_peer(st: *mut ConnState, cur: &ConnState, tgid: u32, fd: u32) -> bool {
     // SAFETY: plain lookup.
-    let ours = unsafe { SELF_PORTS.get(&self_key(st.remote_port, st.local_port)) }.is_some();
-    updated.flags |= if ours { CONN_F_IGNORE } else { CONN_F_CHECKED };
-    let _ = CONNS.insert(&key, &updated, 0);
+    let ours = unsafe { SELF_PORTS.get(&self_key(cur.remote_port, cur.local_port)) }.is_some();
+    // SAFETY: `st` points at this connection's map value; updated in place so the caller's
+    // pointer stays valid.
+    unsafe { (*st).flags |= if ours { CONN_F_IGNORE } else { CONN_F_CHECKED } };
     if ours {
         count(Counter::SelfConnsSkipped);
         emit_header(
@@ -523,22 +554,21 @@ fn check_peer(key: u64, st: &ConnState, tgid: u32, fd: u32) -> bool {
             ConnId {
                 tgid,
                 fd,
-                generation: st.generation,
+                generation: cur.generation,
             },
         );
     }
     !ours
 }
 
-/// Exit of a data syscall: report the bytes moved.
+/// Exit of a data syscall: if `fd` is (or becomes) a traced TCP connection, report the bytes
+/// moved. Connections that predate sonde are picked up here, on first use.
 #[inline(always)]
-fn data_exit(ctx: &TracePointContext, dir: u8) {
+fn data_exit(ctx: &TracePointContext, dir: u8, syscall: u8) {
     let (id, tgid, tid) = ids();
-    // SAFETY: value copied out immediately.
-    let Some(args) = (unsafe { ARGS.get(&id) }).copied() else {
+    let Some(args) = take_args(id, syscall) else {
         return;
     };
-    let _ = ARGS.remove(&id);
     let n = ret(ctx);
     if n <= 0 {
         return;
@@ -546,9 +576,33 @@ fn data_exit(ctx: &TracePointContext, dir: u8) {
     let n = n as u64;
     let fd = args.fd as u32;
     let key = (tgid as u64) << 32 | fd as u64;
-    let Some(st) = CONNS.get_ptr_mut(&key) else {
-        return;
+    let st = match CONNS.get_ptr_mut(&key) {
+        Some(st) => st,
+        None => {
+            let now = if dir == DIR_EGRESS {
+                args.enter_ns
+            } else {
+                // SAFETY: helper with no arguments.
+                unsafe { bpf_ktime_get_ns() }
+            };
+            if track(tgid, tid, fd, ROLE_UNKNOWN, now).is_none() {
+                return;
+            }
+            match CONNS.get_ptr_mut(&key) {
+                Some(st) => st,
+                None => return,
+            }
+        }
     };
+    // SAFETY: pointer into the map value, copied out.
+    let cur = unsafe { *st };
+    if cur.flags & CONN_F_IGNORE != 0 {
+        return;
+    }
+    if cur.flags & CONN_F_CHECKED == 0 && cur.role != ROLE_CLIENT && !check_peer(st, &cur, tgid, fd)
+    {
+        return;
+    }
     let d = (dir & 1) as usize;
     // SAFETY: pointer into the map value; concurrent syscalls on one socket may race on the
     // position, which at worst misplaces one event (userspace treats it as a gap).
@@ -701,12 +755,12 @@ macro_rules! data_syscall {
     ($enter:ident, $exit:ident, $kind:expr, $sys:expr, $dir:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
-            data_enter(&ctx, $kind, $sys);
+            data_enter(&ctx, $kind, $sys, $dir);
             0
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            data_exit(&ctx, $dir);
+            data_exit(&ctx, $dir, $sys);
             0
         }
     };
