@@ -248,9 +248,11 @@ pub struct KernelConfig {
     pub offsets: KernelOffsets,
     /// 1: insert `traceparent` into outgoing HTTP/1 requests of traced processes.
     pub propagate: u32,
-    pub _pad: u32,
+    /// Offsets in `struct pt_regs` of syscall arguments 0..3 at syscall exit. Used by the
+    /// `*_regs` exit programs, which need no entry hook.
+    pub regs_args: [u32; 3],
 }
-const _: () = assert!(size_of::<KernelConfig>() == 88);
+const _: () = assert!(size_of::<KernelConfig>() == 96);
 
 /// Kernel-side counters (per-CPU array indices). Never reuse a number.
 #[repr(u32)]

@@ -1,9 +1,11 @@
 //! sonde's kernel programs: socket syscalls on syscall tracepoints.
 //!
 //! Syscall tracepoints are a stable ABI present on every production kernel (no kprobes or
-//! fentry needed). Entry programs remember the arguments per thread; exit programs see the
-//! result, copy the first bytes that moved and report them with the connection's stream
-//! position. Every loss path bumps a counter in COUNTERS.
+//! fentry needed). Exit programs see the result, copy the first bytes that moved and report
+//! them with the connection's stream position. They find the syscall's arguments in the
+//! thread's slot filled by the entry program, or, for reads on kernels with
+//! `bpf_task_pt_regs` (5.15+), in the registers saved at kernel entry: those syscalls need no
+//! entry hook at all. Every loss path bumps a counter in COUNTERS.
 //!
 //! Tracepoint record layout (include/trace/events/syscalls.h): common header (8 bytes), the
 //! syscall number (8 with padding), then six 8-byte argument slots on entry, or the return
@@ -16,8 +18,8 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_get_current_comm,
     helpers::generated::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     },
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -54,7 +56,7 @@ pub(crate) static CONFIG: KernelConfig = KernelConfig {
         sk_v6_rcv_saddr: 0,
     },
     propagate: 0,
-    _pad: 0,
+    regs_args: [0; 3],
 };
 
 // Sizes are defaults; the loader may resize EVENTS and CONNS.
@@ -431,7 +433,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         tid,
         ConnId {
             tgid,
-            fd: fd,
+            fd,
             generation: st.generation,
         },
     );
@@ -561,14 +563,65 @@ fn check_peer(st: *mut ConnState, cur: &ConnState, tgid: u32, fd: u32) -> bool {
     !ours
 }
 
-/// Exit of a data syscall: if `fd` is (or becomes) a traced TCP connection, report the bytes
-/// moved. Connections that predate sonde are picked up here, on first use.
+/// Exit of a data syscall whose entry hook saved the arguments.
 #[inline(always)]
 fn data_exit(ctx: &TracePointContext, dir: u8, syscall: u8) {
     let (id, tgid, tid) = ids();
     let Some(args) = take_args(id, syscall) else {
         return;
     };
+    emit_data(ctx, id, tgid, tid, dir, &args);
+}
+
+/// Exit of an ingress syscall, without an entry hook: the arguments are read back from the
+/// registers saved at kernel entry, which the syscall leaves in place. Ingress events are
+/// stamped at exit, so nothing else is needed from the entry.
+#[inline(always)]
+fn data_exit_regs(ctx: &TracePointContext, kind: u8, syscall: u8) {
+    if ret(ctx) <= 0 {
+        return;
+    }
+    let (id, tgid, tid) = ids();
+    if !traced(tgid) {
+        return;
+    }
+    let Some(args) = regs_args(kind, syscall) else {
+        return;
+    };
+    emit_data(ctx, id, tgid, tid, DIR_INGRESS, &args);
+}
+
+/// The current syscall's first three arguments from its saved registers.
+#[inline(always)]
+fn regs_args(kind: u8, syscall: u8) -> Option<SyscallArgs> {
+    // SAFETY: helpers on the current task. The pointer is a kernel (BTF) pointer to the task's
+    // `struct pt_regs`; the verifier checks the loads below against that struct's members
+    // (the offsets are read-only constants) and makes them fault-safe.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if regs.is_null() {
+        return None;
+    }
+    // SAFETY: CONFIG is a read-only global.
+    let off = unsafe { &*addr_of!(CONFIG.regs_args) };
+    let at = |i: usize| {
+        // SAFETY: see above.
+        unsafe { read_volatile(regs.add(cfg_u32(addr_of!(off[i])) as usize).cast::<u64>()) }
+    };
+    Some(SyscallArgs {
+        fd: at(0),
+        ptr: at(1),
+        count: at(2),
+        kind,
+        syscall,
+        _pad: [0; 6],
+        enter_ns: 0,
+    })
+}
+
+/// If `args.fd` is (or becomes) a traced TCP connection, reports the bytes the syscall moved.
+/// Connections that predate sonde are picked up here, on first use.
+#[inline(always)]
+fn emit_data(ctx: &TracePointContext, id: u64, tgid: u32, tid: u32, dir: u8, args: &SyscallArgs) {
     let n = ret(ctx);
     if n <= 0 {
         return;
@@ -751,6 +804,19 @@ fn copy_iov(s: &mut Scratch, iov: u64, cnt: u64, want: u64) -> u64 {
     off
 }
 
+/// An ingress syscall: the exit program reading arguments from registers where the loader
+/// can use it, else the entry/exit pair.
+macro_rules! ingress_syscall {
+    ($enter:ident, $exit:ident, $exit_regs:ident, $kind:expr, $sys:expr) => {
+        data_syscall!($enter, $exit, $kind, $sys, DIR_INGRESS);
+        #[tracepoint]
+        pub fn $exit_regs(ctx: TracePointContext) -> u32 {
+            data_exit_regs(&ctx, $kind, $sys);
+            0
+        }
+    };
+}
+
 macro_rules! data_syscall {
     ($enter:ident, $exit:ident, $kind:expr, $sys:expr, $dir:expr) => {
         #[tracepoint]
@@ -766,12 +832,12 @@ macro_rules! data_syscall {
     };
 }
 
-data_syscall!(
+ingress_syscall!(
     sys_enter_read,
     sys_exit_read,
+    sys_exit_read_regs,
     ARG_BUF,
-    SYS_READ,
-    DIR_INGRESS
+    SYS_READ
 );
 data_syscall!(
     sys_enter_write,
@@ -780,12 +846,12 @@ data_syscall!(
     SYS_WRITE,
     DIR_EGRESS
 );
-data_syscall!(
+ingress_syscall!(
     sys_enter_readv,
     sys_exit_readv,
+    sys_exit_readv_regs,
     ARG_IOVEC,
-    SYS_READV,
-    DIR_INGRESS
+    SYS_READV
 );
 data_syscall!(
     sys_enter_writev,
@@ -794,12 +860,12 @@ data_syscall!(
     SYS_WRITEV,
     DIR_EGRESS
 );
-data_syscall!(
+ingress_syscall!(
     sys_enter_recvfrom,
     sys_exit_recvfrom,
+    sys_exit_recvfrom_regs,
     ARG_BUF,
-    SYS_RECVFROM,
-    DIR_INGRESS
+    SYS_RECVFROM
 );
 data_syscall!(
     sys_enter_sendto,
@@ -808,12 +874,12 @@ data_syscall!(
     SYS_SENDTO,
     DIR_EGRESS
 );
-data_syscall!(
+ingress_syscall!(
     sys_enter_recvmsg,
     sys_exit_recvmsg,
+    sys_exit_recvmsg_regs,
     ARG_MSGHDR,
-    SYS_RECVMSG,
-    DIR_INGRESS
+    SYS_RECVMSG
 );
 data_syscall!(
     sys_enter_sendmsg,

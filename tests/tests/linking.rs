@@ -50,7 +50,9 @@ fn connected_traces(spans: &[ReceivedSpan], a: &str, b: &str, path_prefix: &str)
     ok
 }
 
-async fn run_scenario(concurrency: usize, total: usize) {
+/// `entry_hooks`: force the entry + exit hook pair for reads (the path of kernels without
+/// `bpf_task_pt_regs`) instead of exit-only hooks reading the saved registers.
+async fn run_scenario(concurrency: usize, total: usize, entry_hooks: bool) {
     require_root();
     let rx = Receiver::start().await;
     let (a, a_port) = python_app("svc-a");
@@ -68,6 +70,10 @@ async fn run_scenario(concurrency: usize, total: usize) {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.grpc_endpoint()),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
             ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            (
+                "SONDE_SYSCALL_ARGS",
+                if entry_hooks { "entry" } else { "auto" },
+            ),
         ],
     );
     // A's /call route calls B; each request names a distinct B path query so that pairs can
@@ -117,14 +123,25 @@ async fn run_scenario(concurrency: usize, total: usize) {
     );
     let log = sonde.stop();
     assert_eq!(connected, total, "every request fully connected\n{log}");
+    // This kernel (6.18) has bpf_task_pt_regs: reads are hooked at exit only unless forced.
+    assert_eq!(
+        log.contains("ingress syscalls are hooked at entry and exit"),
+        entry_hooks,
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmodified_a_calls_unmodified_b_sequentially() {
-    run_scenario(1, 100).await;
+    run_scenario(1, 100, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmodified_a_calls_unmodified_b_concurrently() {
-    run_scenario(50, 100).await;
+    run_scenario(50, 100, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_hooked_at_entry_and_exit_link_the_same() {
+    run_scenario(20, 100, true).await;
 }

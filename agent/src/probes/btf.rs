@@ -80,27 +80,51 @@ fn resolve(btf: &Btf, mut ty: Type) -> Result<Type, BtfError> {
 }
 
 pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
+    Ok(read(path)?.0)
+}
+
+/// The kernel offsets, and where the first three syscall arguments sit in `struct pt_regs`
+/// (None on architectures sonde has no register map for).
+pub fn read(path: &Path) -> Result<(KernelOffsets, Option<[u32; 3]>), BtfError> {
     let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
         path: path.display().to_string(),
         source,
     })?;
+    Ok((offsets(&btf)?, syscall_arg_regs(&btf)))
+}
+
+/// Offsets in `struct pt_regs` of syscall arguments 0, 1 and 2 as they still are when the
+/// syscall exits. On arm64 the return value overwrites x0, so argument 0 comes from orig_x0.
+fn syscall_arg_regs(btf: &Btf) -> Option<[u32; 3]> {
+    let at = |m: &str| offset_of(btf, "pt_regs", m).ok();
+    if cfg!(target_arch = "x86_64") {
+        Some([at("di")?, at("si")?, at("dx")?])
+    } else if cfg!(target_arch = "aarch64") {
+        let regs = at("regs")?;
+        Some([at("orig_x0")?, regs + 8, regs + 16])
+    } else {
+        None
+    }
+}
+
+fn offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     Ok(KernelOffsets {
-        task_files: offset_of(&btf, "task_struct", "files")?,
-        files_fdt: offset_of(&btf, "files_struct", "fdt")?,
-        fdt_max_fds: offset_of(&btf, "fdtable", "max_fds")?,
-        fdt_fd: offset_of(&btf, "fdtable", "fd")?,
-        file_private_data: offset_of(&btf, "file", "private_data")?,
-        socket_sk: offset_of(&btf, "socket", "sk")?,
-        socket_file: offset_of(&btf, "socket", "file")?,
-        sk_family: offset_of(&btf, "sock", "__sk_common.skc_family")?,
-        sk_type: offset_of(&btf, "sock", "sk_type")?,
-        sk_protocol: offset_of(&btf, "sock", "sk_protocol")?,
-        sk_daddr: offset_of(&btf, "sock", "__sk_common.skc_daddr")?,
-        sk_rcv_saddr: offset_of(&btf, "sock", "__sk_common.skc_rcv_saddr")?,
-        sk_dport: offset_of(&btf, "sock", "__sk_common.skc_dport")?,
-        sk_num: offset_of(&btf, "sock", "__sk_common.skc_num")?,
-        sk_v6_daddr: offset_of(&btf, "sock", "__sk_common.skc_v6_daddr")?,
-        sk_v6_rcv_saddr: offset_of(&btf, "sock", "__sk_common.skc_v6_rcv_saddr")?,
+        task_files: offset_of(btf, "task_struct", "files")?,
+        files_fdt: offset_of(btf, "files_struct", "fdt")?,
+        fdt_max_fds: offset_of(btf, "fdtable", "max_fds")?,
+        fdt_fd: offset_of(btf, "fdtable", "fd")?,
+        file_private_data: offset_of(btf, "file", "private_data")?,
+        socket_sk: offset_of(btf, "socket", "sk")?,
+        socket_file: offset_of(btf, "socket", "file")?,
+        sk_family: offset_of(btf, "sock", "__sk_common.skc_family")?,
+        sk_type: offset_of(btf, "sock", "sk_type")?,
+        sk_protocol: offset_of(btf, "sock", "sk_protocol")?,
+        sk_daddr: offset_of(btf, "sock", "__sk_common.skc_daddr")?,
+        sk_rcv_saddr: offset_of(btf, "sock", "__sk_common.skc_rcv_saddr")?,
+        sk_dport: offset_of(btf, "sock", "__sk_common.skc_dport")?,
+        sk_num: offset_of(btf, "sock", "__sk_common.skc_num")?,
+        sk_v6_daddr: offset_of(btf, "sock", "__sk_common.skc_v6_daddr")?,
+        sk_v6_rcv_saddr: offset_of(btf, "sock", "__sk_common.skc_v6_rcv_saddr")?,
     })
 }
 
@@ -123,5 +147,17 @@ mod tests {
         );
         assert_ne!(o.sk_daddr, o.sk_rcv_saddr);
         assert!(o.task_files > 0 && o.sk_type > o.sk_family);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn finds_syscall_argument_registers() {
+        let p = Path::new(VMLINUX_BTF);
+        if !p.exists() {
+            eprintln!("no kernel BTF here; skipping");
+            return;
+        }
+        // The x86-64 pt_regs layout is ABI (arch/x86/include/uapi/asm/ptrace.h): dx, si, di.
+        assert_eq!(read(p).unwrap().1, Some([112, 104, 96]));
     }
 }

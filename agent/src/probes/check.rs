@@ -201,12 +201,17 @@ pub fn run(try_load: bool) -> Vec<Finding> {
         out.push(match Probes::load(&LoadOptions::default()) {
             Ok((p, _ring)) => {
                 let skipped = p.skipped.clone();
+                let hooks = if p.ingress_exit_only() {
+                    "reads hooked at exit only"
+                } else {
+                    "reads hooked at entry and exit (no bpf_task_pt_regs)"
+                };
                 drop(p);
                 if skipped.is_empty() {
                     finding(
                         "load + attach programs",
                         Verdict::Pass,
-                        "all programs verified and attached, then detached",
+                        format!("all programs verified and attached, then detached; {hooks}"),
                     )
                 } else {
                     finding(

@@ -18,43 +18,223 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/so
 static OBJECT_PROPAGATE: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde-propagate"));
 
-/// Program name → (tracepoint category, tracepoint name, required).
-const ATTACH: &[(&str, &str, &str, bool)] = &[
-    ("sys_exit_accept", "syscalls", "sys_exit_accept", false),
-    ("sys_exit_accept4", "syscalls", "sys_exit_accept4", true),
-    ("sys_enter_connect", "syscalls", "sys_enter_connect", true),
-    ("sys_exit_connect", "syscalls", "sys_exit_connect", true),
-    ("sys_enter_close", "syscalls", "sys_enter_close", true),
-    ("sched_process_exit", "sched", "sched_process_exit", false),
-    ("sys_exit_read", "syscalls", "sys_exit_read", true),
-    ("sys_enter_read", "syscalls", "sys_enter_read", true),
-    ("sys_exit_write", "syscalls", "sys_exit_write", true),
-    ("sys_enter_write", "syscalls", "sys_enter_write", true),
-    ("sys_exit_readv", "syscalls", "sys_exit_readv", true),
-    ("sys_enter_readv", "syscalls", "sys_enter_readv", true),
-    ("sys_exit_writev", "syscalls", "sys_exit_writev", true),
-    ("sys_enter_writev", "syscalls", "sys_enter_writev", true),
-    ("sys_exit_recvfrom", "syscalls", "sys_exit_recvfrom", true),
-    ("sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom", true),
-    ("sys_exit_sendto", "syscalls", "sys_exit_sendto", true),
-    ("sys_enter_sendto", "syscalls", "sys_enter_sendto", true),
-    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg", true),
-    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg", true),
-    ("sys_exit_sendmsg", "syscalls", "sys_exit_sendmsg", true),
-    ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg", true),
+/// Program name → (tracepoint category, tracepoint name, required, which argument path).
+const ATTACH: &[(&str, &str, &str, bool, Args)] = &[
+    (
+        "sys_exit_accept",
+        "syscalls",
+        "sys_exit_accept",
+        false,
+        Args::Any,
+    ),
+    (
+        "sys_exit_accept4",
+        "syscalls",
+        "sys_exit_accept4",
+        true,
+        Args::Any,
+    ),
+    (
+        "sys_enter_connect",
+        "syscalls",
+        "sys_enter_connect",
+        true,
+        Args::Any,
+    ),
+    (
+        "sys_exit_connect",
+        "syscalls",
+        "sys_exit_connect",
+        true,
+        Args::Any,
+    ),
+    (
+        "sys_enter_close",
+        "syscalls",
+        "sys_enter_close",
+        true,
+        Args::Any,
+    ),
+    (
+        "sched_process_exit",
+        "sched",
+        "sched_process_exit",
+        false,
+        Args::Any,
+    ),
+    // Exit programs before entry programs: an argument slot filled at entry always meets its
+    // exit program.
+    (
+        "sys_exit_read",
+        "syscalls",
+        "sys_exit_read",
+        true,
+        Args::Entry,
+    ),
+    (
+        "sys_enter_read",
+        "syscalls",
+        "sys_enter_read",
+        true,
+        Args::Entry,
+    ),
+    (
+        "sys_exit_read_regs",
+        "syscalls",
+        "sys_exit_read",
+        true,
+        Args::Regs,
+    ),
+    (
+        "sys_exit_write",
+        "syscalls",
+        "sys_exit_write",
+        true,
+        Args::Any,
+    ),
+    (
+        "sys_enter_write",
+        "syscalls",
+        "sys_enter_write",
+        true,
+        Args::Any,
+    ),
+    (
+        "sys_exit_readv",
+        "syscalls",
+        "sys_exit_readv",
+        true,
+        Args::Entry,
+    ),
+    (
+        "sys_enter_readv",
+        "syscalls",
+        "sys_enter_readv",
+        true,
+        Args::Entry,
+    ),
+    (
+        "sys_exit_readv_regs",
+        "syscalls",
+        "sys_exit_readv",
+        true,
+        Args::Regs,
+    ),
+    (
+        "sys_exit_writev",
+        "syscalls",
+        "sys_exit_writev",
+        true,
+        Args::Any,
+    ),
+    (
+        "sys_enter_writev",
+        "syscalls",
+        "sys_enter_writev",
+        true,
+        Args::Any,
+    ),
+    (
+        "sys_exit_recvfrom",
+        "syscalls",
+        "sys_exit_recvfrom",
+        true,
+        Args::Entry,
+    ),
+    (
+        "sys_enter_recvfrom",
+        "syscalls",
+        "sys_enter_recvfrom",
+        true,
+        Args::Entry,
+    ),
+    (
+        "sys_exit_recvfrom_regs",
+        "syscalls",
+        "sys_exit_recvfrom",
+        true,
+        Args::Regs,
+    ),
+    (
+        "sys_exit_sendto",
+        "syscalls",
+        "sys_exit_sendto",
+        true,
+        Args::Any,
+    ),
+    (
+        "sys_enter_sendto",
+        "syscalls",
+        "sys_enter_sendto",
+        true,
+        Args::Any,
+    ),
+    (
+        "sys_exit_recvmsg",
+        "syscalls",
+        "sys_exit_recvmsg",
+        true,
+        Args::Entry,
+    ),
+    (
+        "sys_enter_recvmsg",
+        "syscalls",
+        "sys_enter_recvmsg",
+        true,
+        Args::Entry,
+    ),
+    (
+        "sys_exit_recvmsg_regs",
+        "syscalls",
+        "sys_exit_recvmsg",
+        true,
+        Args::Regs,
+    ),
+    (
+        "sys_exit_sendmsg",
+        "syscalls",
+        "sys_exit_sendmsg",
+        true,
+        Args::Any,
+    ),
+    (
+        "sys_enter_sendmsg",
+        "syscalls",
+        "sys_enter_sendmsg",
+        true,
+        Args::Any,
+    ),
     (
         "sys_exit_sendfile64",
         "syscalls",
         "sys_exit_sendfile64",
         false,
+        Args::Any,
     ),
     (
         "sys_enter_sendfile64",
         "syscalls",
         "sys_enter_sendfile64",
         false,
+        Args::Any,
     ),
 ];
+
+/// How ingress syscalls get their arguments to the exit hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Args {
+    /// Attached either way.
+    Any,
+    /// An entry program saves them per thread (works on every kernel).
+    Entry,
+    /// The exit program reads them from the task's saved registers (one hook instead of two;
+    /// needs `bpf_task_pt_regs`, Linux 5.15, and a register map for this architecture).
+    Regs,
+}
+
+/// Set to `entry` to force the entry/exit pair for ingress syscalls (the path older kernels
+/// take); any other value, or unset, lets sonde choose.
+pub const SYSCALL_ARGS_ENV: &str = "SONDE_SYSCALL_ARGS";
 
 /// Names of the kernel counters, indexed like `agent_common::Counter`.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -229,6 +409,17 @@ pub struct Probes {
     _socks: Option<aya::maps::SockHash<MapData, u64>>,
     /// Tracepoints that could not be attached but are optional.
     pub skipped: Vec<String>,
+    exit_only: bool,
+}
+
+/// Loads (verifies) one tracepoint program without attaching it.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), String> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.load().map_err(|e| e.to_string())
 }
 
 /// Mounts tracefs if neither of its usual mount points is populated.
@@ -273,7 +464,9 @@ impl Probes {
             return Err(ProbeError::NoObject);
         }
         ensure_tracefs()?;
-        let offsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
+        let (offsets, regs) = btf::read(Path::new(btf::VMLINUX_BTF))?;
+        let forced_entry = std::env::var(SYSCALL_ARGS_ENV).is_ok_and(|v| v == "entry");
+        let regs = if forced_entry { None } else { regs };
         let config = KernelConfig {
             self_tgid: std::process::id(),
             filter_pids: opts.filter_pids as u32,
@@ -283,7 +476,7 @@ impl Probes {
             wakeup_bytes: opts.ring_bytes / 4,
             offsets,
             propagate: opts.propagate as u32,
-            _pad: 0,
+            regs_args: regs.unwrap_or_default(),
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
@@ -292,8 +485,25 @@ impl Probes {
             .load(object)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
 
+        let mut args = if regs.is_some() {
+            Args::Regs
+        } else {
+            Args::Entry
+        };
+        if args == Args::Regs
+            && let Err(e) = load_program(&mut ebpf, "sys_exit_read_regs")
+        {
+            log::info!(
+                "ingress syscalls use entry and exit hooks: reading arguments at exit failed \
+                 to load ({e})"
+            );
+            args = Args::Entry;
+        }
         let mut skipped = Vec::new();
-        for &(name, category, tracepoint, required) in ATTACH {
+        for &(name, category, tracepoint, required, path) in ATTACH {
+            if path != Args::Any && path != args {
+                continue;
+            }
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
                 .ok_or(ProbeError::MissingProgram(name))?
@@ -304,9 +514,12 @@ impl Probes {
                     tracepoint,
                     source: Box::new(source),
                 })?;
-            let res = prog
-                .load()
-                .and_then(|()| prog.attach(category, tracepoint).map(|_| ()));
+            let res = if prog.fd().is_ok() {
+                Ok(())
+            } else {
+                prog.load()
+            };
+            let res = res.and_then(|()| prog.attach(category, tracepoint).map(|_| ()));
             match res {
                 Ok(()) => {}
                 Err(source) if not_permitted(&source) => {
@@ -360,9 +573,15 @@ impl Probes {
                 counters,
                 _socks: socks,
                 skipped,
+                exit_only: args == Args::Regs,
             },
             events,
         ))
+    }
+
+    /// Whether ingress syscalls are hooked at exit only (arguments read from registers).
+    pub fn ingress_exit_only(&self) -> bool {
+        self.exit_only
     }
 
     /// In filter mode, start tracing `pid`.
