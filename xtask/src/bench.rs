@@ -79,16 +79,19 @@ impl Plan {
     }
 }
 
-pub fn run(quick: bool, rates_only: &[u64]) -> Result<()> {
+pub fn run(quick: bool, rates_only: &[u64], saturation_only: bool) -> Result<()> {
     let started = Instant::now();
     setup::setup(true)?;
     let sonde = setup::build_release()?;
     let mut plan = Plan::new(quick);
+    // SONDE_BENCH_BIN: another sonde build to measure, for an A/B of a change (partial runs).
+    let other = std::env::var_os("SONDE_BENCH_BIN").map(PathBuf::from);
     if !rates_only.is_empty() {
         plan.rates = rates_only.to_vec();
-        // SONDE_BENCH_BIN: another sonde build to compare against (A/B of a change).
-        let bin = std::env::var_os("SONDE_BENCH_BIN").map_or(sonde, PathBuf::from);
-        return only_rates(&plan, &bin);
+        return only_rates(&plan, &other.unwrap_or(sonde));
+    }
+    if saturation_only {
+        return only_saturation(&plan, &other.unwrap_or(sonde));
     }
     let example = build_example()?;
     let nofile = procs::raise_nofile(65_536)?;
@@ -162,6 +165,27 @@ fn only_rates(plan: &Plan, sonde: &Path) -> Result<()> {
             r.with.per_req_us(r.with.nginx_cpu.sched_ns),
             r.without.p(0.99),
             r.with.p(0.99),
+        );
+    }
+    Ok(())
+}
+
+/// `--saturation-only`: the saturation rounds alone, then the median ratios.
+fn only_saturation(plan: &Plan, sonde: &Path) -> Result<()> {
+    let nofile = procs::raise_nofile(65_536)?;
+    let nginx = Nginx::start(nofile)?;
+    let rx = Receiver::start()?;
+    let mut raw = String::new();
+    let sat = saturation(plan, sonde, &nginx, &rx, &mut raw)?;
+    let base = sat.get(&Mode::NoSonde).map_or(0.0, SatMode::median_rps);
+    for (mode, m) in &sat {
+        println!(
+            "{}: median {:.0} req/s, ratio {:.3}; {} spans / {} requests",
+            mode.label(),
+            m.median_rps(),
+            m.median_rps() / base,
+            m.spans,
+            m.requests
         );
     }
     Ok(())

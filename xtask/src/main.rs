@@ -48,6 +48,9 @@ enum Cmd {
         /// of sonde's cost per request.
         #[arg(long, value_delimiter = ',')]
         rates_only: Vec<u64>,
+        /// Only the saturation part (no sonde / hooks only / tracing, alternating rounds).
+        #[arg(long, conflicts_with = "rates_only")]
+        saturation_only: bool,
     },
 }
 
@@ -58,7 +61,11 @@ fn main() -> Result<()> {
         Cmd::Demo => demo::run(),
         Cmd::Test { filter } => test(filter),
         Cmd::Fuzz { seconds } => fuzz::fuzz(seconds),
-        Cmd::Bench { quick, rates_only } => bench::run(quick, &rates_only),
+        Cmd::Bench {
+            quick,
+            rates_only,
+            saturation_only,
+        } => bench::run(quick, &rates_only, saturation_only),
     }
 }
 
