@@ -354,13 +354,13 @@ pub(crate) fn ids() -> (u64, u32, u32) {
 // ---- accept / connect / close --------------------------------------------------------------
 
 #[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+pub fn exit_accept(ctx: TracePointContext) -> u32 {
     on_accept(&ctx);
     0
 }
 
 #[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+pub fn exit_accept4(ctx: TracePointContext) -> u32 {
     on_accept(&ctx);
     0
 }
@@ -379,7 +379,7 @@ fn on_accept(ctx: &TracePointContext) {
 }
 
 #[tracepoint]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+pub fn enter_connect(ctx: TracePointContext) -> u32 {
     let (id, tgid, _) = ids();
     if tgid != cfg_u32(addr_of!(CONFIG.self_tgid)) && !traced(tgid) {
         return 0;
@@ -389,7 +389,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+pub fn exit_connect(ctx: TracePointContext) -> u32 {
     let (id, tgid, tid) = ids();
     let Some(args) = take_args(id, SYS_CONNECT) else {
         return 0;
@@ -416,7 +416,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint]
-pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+pub fn enter_close(ctx: TracePointContext) -> u32 {
     let (_, tgid, tid) = ids();
     let fd = arg(&ctx, 0) as u32;
     let key = (tgid as u64) << 32 | fd as u64;
@@ -441,7 +441,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint]
-pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+pub fn process_exit(_ctx: TracePointContext) -> u32 {
     let (id, tgid, tid) = ids();
     if !traced(tgid) {
         return 0;
@@ -832,58 +832,28 @@ macro_rules! data_syscall {
     };
 }
 
+ingress_syscall!(enter_read, exit_read, exitr_read, ARG_BUF, SYS_READ);
+data_syscall!(enter_write, exit_write, ARG_BUF, SYS_WRITE, DIR_EGRESS);
+ingress_syscall!(enter_readv, exit_readv, exitr_readv, ARG_IOVEC, SYS_READV);
+data_syscall!(enter_writev, exit_writev, ARG_IOVEC, SYS_WRITEV, DIR_EGRESS);
 ingress_syscall!(
-    sys_enter_read,
-    sys_exit_read,
-    sys_exit_read_regs,
-    ARG_BUF,
-    SYS_READ
-);
-data_syscall!(
-    sys_enter_write,
-    sys_exit_write,
-    ARG_BUF,
-    SYS_WRITE,
-    DIR_EGRESS
-);
-ingress_syscall!(
-    sys_enter_readv,
-    sys_exit_readv,
-    sys_exit_readv_regs,
-    ARG_IOVEC,
-    SYS_READV
-);
-data_syscall!(
-    sys_enter_writev,
-    sys_exit_writev,
-    ARG_IOVEC,
-    SYS_WRITEV,
-    DIR_EGRESS
-);
-ingress_syscall!(
-    sys_enter_recvfrom,
-    sys_exit_recvfrom,
-    sys_exit_recvfrom_regs,
+    enter_recvfrom,
+    exit_recvfrom,
+    exitr_recvfrom,
     ARG_BUF,
     SYS_RECVFROM
 );
-data_syscall!(
-    sys_enter_sendto,
-    sys_exit_sendto,
-    ARG_BUF,
-    SYS_SENDTO,
-    DIR_EGRESS
-);
+data_syscall!(enter_sendto, exit_sendto, ARG_BUF, SYS_SENDTO, DIR_EGRESS);
 ingress_syscall!(
-    sys_enter_recvmsg,
-    sys_exit_recvmsg,
-    sys_exit_recvmsg_regs,
+    enter_recvmsg,
+    exit_recvmsg,
+    exitr_recvmsg,
     ARG_MSGHDR,
     SYS_RECVMSG
 );
 data_syscall!(
-    sys_enter_sendmsg,
-    sys_exit_sendmsg,
+    enter_sendmsg,
+    exit_sendmsg,
     ARG_MSGHDR,
     SYS_SENDMSG,
     DIR_EGRESS
@@ -891,8 +861,8 @@ data_syscall!(
 // sendfile(out_fd, in_fd, ...): bytes leave through out_fd without passing user memory; they
 // still advance the stream position (nginx sends static bodies this way).
 data_syscall!(
-    sys_enter_sendfile64,
-    sys_exit_sendfile64,
+    enter_sendfile,
+    exit_sendfile,
     ARG_NONE,
     SYS_SENDFILE,
     DIR_EGRESS

@@ -158,11 +158,14 @@ fn only_rates(plan: &Plan, sonde: &Path) -> Result<()> {
     let rows = fixed_rates(plan, sonde, &nginx, &rx, &mut raw)?;
     for r in &rows {
         println!(
-            "{} req/s: sonde {:.2} µs/req, nginx {:.2} → {:.2} µs/req, p99 {:.1} → {:.1} µs",
+            "{} req/s: sonde {:.2} µs/req, nginx {:.2} → {:.2} µs/req, BPF {:.2} µs/req ({:.2} \
+             on nginx's syscalls), p99 {:.1} → {:.1} µs",
             r.rate,
             r.with.per_req_us(r.with.sonde_cpu.sched_ns),
             r.without.per_req_us(r.without.nginx_cpu.sched_ns),
             r.with.per_req_us(r.with.nginx_cpu.sched_ns),
+            r.bpf_us().unwrap_or(f64::NAN),
+            r.nginx_bpf_us().unwrap_or(f64::NAN),
             r.without.p(0.99),
             r.with.p(0.99),
         );
@@ -320,14 +323,34 @@ struct RateRow {
     rate: u64,
     without: RateSide,
     with: RateSide,
-    /// From an extra run with BPF statistics on: (program ns, program runs, requests).
-    bpf: Option<(u64, u64, u64)>,
+    /// From an extra run with BPF statistics on.
+    bpf: Option<BpfRun>,
 }
+
+/// Run time of sonde's programs in a run with BPF statistics on.
+struct BpfRun {
+    /// All programs, every process's syscalls.
+    ns: u64,
+    /// Programs on the syscalls nginx serves with (`recvfrom`, `writev`); the generator uses
+    /// `read`/`write`, so these runs are nginx's.
+    nginx_ns: u64,
+    requests: u64,
+}
+
+/// Syscalls nginx serves a keep-alive `return 200` with (and the generator never makes).
+const NGINX_SYSCALLS: [&str; 2] = ["recvfrom", "writev"];
 
 impl RateRow {
     fn bpf_us(&self) -> Option<f64> {
         self.bpf
-            .map(|(ns, _, reqs)| ns as f64 / 1e3 / reqs.max(1) as f64)
+            .as_ref()
+            .map(|b| b.ns as f64 / 1e3 / b.requests.max(1) as f64)
+    }
+
+    fn nginx_bpf_us(&self) -> Option<f64> {
+        self.bpf
+            .as_ref()
+            .map(|b| b.nginx_ns as f64 / 1e3 / b.requests.max(1) as f64)
     }
 }
 
@@ -408,7 +431,7 @@ fn bpf_run(
     nginx: &Nginx,
     rx: &Receiver,
     raw: &mut String,
-) -> Result<Option<(u64, u64, u64)>> {
+) -> Result<Option<BpfRun>> {
     let stats_on = match procs::BpfStats::enable() {
         Ok(s) => s,
         Err(e) => {
@@ -421,20 +444,49 @@ fn bpf_run(
     rx.reset();
     let s = Sonde::start(sonde, &select_nginx(nginx), &rx.endpoint())?;
     std::thread::sleep(Duration::from_millis(300));
-    let (ns0, runs0) = procs::bpf_run_time(s.pid());
+    let before = procs::bpf_run_time(s.pid());
     let l = load::fixed_rate(nginx.port, rate, Duration::from_secs(secs), plan.conns)?;
-    let (ns1, runs1) = procs::bpf_run_time(s.pid());
+    let after = procs::bpf_run_time(s.pid());
     drop(stats_on);
     rx.settle(l.ok, Duration::from_secs(3));
     let stats = s.stop()?;
-    let (ns, runs) = (ns1 - ns0, runs1 - runs0);
+    // Per program: (name, ns, runs) over the load.
+    let progs: Vec<(String, u64, u64)> = after
+        .iter()
+        .map(|(name, &(ns, runs))| {
+            let (ns0, runs0) = before.get(name).copied().unwrap_or_default();
+            (name.clone(), ns - ns0, runs - runs0)
+        })
+        .filter(|p| p.2 > 0)
+        .collect();
+    let ns: u64 = progs.iter().map(|p| p.1).sum();
+    let runs: u64 = progs.iter().map(|p| p.2).sum();
+    let nginx_ns: u64 = progs
+        .iter()
+        .filter(|p| NGINX_SYSCALLS.iter().any(|s| p.0.contains(s)))
+        .map(|p| p.1)
+        .sum();
+    let per_prog: Vec<String> = progs
+        .iter()
+        .map(|(name, ns, runs)| {
+            format!(
+                "{name} {:.2}×{:.0} ns",
+                *runs as f64 / l.ok.max(1) as f64,
+                *ns as f64 / (*runs).max(1) as f64
+            )
+        })
+        .collect();
     let line = format!(
         "- {rate} req/s with sonde, BPF statistics on: {} ok; sonde's programs ran {runs} times \
-         ({:.1} per request) for {:.2} ms = {:.2} µs per request; {} spans; {}; losses: {}",
+         ({:.1} per request) for {:.2} ms = {:.2} µs per request, {:.2} µs of it on nginx's \
+         {} (runs per request × ns per run: {}); {} spans; {}; losses: {}",
         l.ok,
         runs as f64 / l.ok.max(1) as f64,
         ns as f64 / 1e6,
         ns as f64 / 1e3 / l.ok.max(1) as f64,
+        nginx_ns as f64 / 1e3 / l.ok.max(1) as f64,
+        NGINX_SYSCALLS.join(" + "),
+        per_prog.join(", "),
         rx.spans(),
         procs::summary(&stats),
         procs::losses(&stats)
@@ -442,7 +494,11 @@ fn bpf_run(
     eprintln!("bench: {line}");
     raw.push_str(&line);
     raw.push('\n');
-    Ok(Some((ns, runs, l.ok)))
+    Ok(Some(BpfRun {
+        ns,
+        nginx_ns,
+        requests: l.ok,
+    }))
 }
 
 fn log_rate_run(
@@ -931,9 +987,11 @@ fn render(
          {} s per run, {} round(s) per side alternating the order; CPU per request = CPU \
          time over the run / requests; kernel share = nginx CPU per request with sonde minus \
          without (the hooks run in nginx's syscalls); BPF programs = run time of sonde's \
-         programs per request in one more run with the kernel's BPF statistics on (every \
-         hooked syscall on the machine counts, so an upper bound of nginx's share); latency \
-         from `write` to the last byte of the response.\n",
+         programs per request in one more run with the kernel's BPF statistics on: all of \
+         them (every hooked syscall on the machine, the generator's too), and in brackets \
+         those on nginx's `recvfrom` and `writev` (the generator uses `read`/`write`, so \
+         that is nginx's share measured directly, without the dispatch of the tracepoints \
+         themselves); latency from `write` to the last byte of the response.\n",
         plan.conns, plan.rate_secs, plan.rate_rounds
     );
     let rows: Vec<Vec<String>> = fixed
@@ -953,7 +1011,10 @@ fn render(
                 format!("{:.2} / {:.2}", a.foreign_max(), b.foreign_max()),
                 us(b.per_req_us(b.sonde_cpu.ns())),
                 format!("{nw:.2} → {nt:.2} µs ({:+.2})", nt - nw),
-                r.bpf_us().map_or("–".into(), us),
+                match (r.bpf_us(), r.nginx_bpf_us()) {
+                    (Some(all), Some(nginx)) => format!("{} ({})", us(all), us(nginx)),
+                    _ => "–".into(),
+                },
                 format!(
                     "{:.2} → {:.2} µs",
                     a.per_req_us(a.client_cpu_ns),
@@ -984,7 +1045,7 @@ fn render(
             "other jobs' CPU (max cores) without / with",
             "sonde CPU / req",
             "nginx CPU / req without → with (kernel share)",
-            "sonde's BPF programs / req",
+            "sonde's BPF programs / req (on nginx's syscalls)",
             "client CPU / req (untraced)",
             "p50 without → with (added)",
             "p99 without → with (added)",
@@ -1186,14 +1247,18 @@ fn render(
     };
     let (v, worst) = per_rate(&share);
     let share_noisy = fixed.iter().any(|r| drowned(r, 0, share(r), 1.5));
-    let bpf: Vec<String> = fixed
-        .iter()
-        .filter_map(|r| Some(format!("{:.2} µs at {}", r.bpf_us()?, rate_label(r.rate))))
-        .collect();
     rows.push(vec![
         "kernel share ≤ 1.5 µs per request (nginx CPU with − without)".into(),
-        format!("{v}; BPF programs alone: {}", bpf.join(", ")),
+        v,
         verdict_noisy(worst <= 1.5, share_noisy),
+    ]);
+    let (v, worst) = per_rate(&|r| r.nginx_bpf_us().unwrap_or(f64::INFINITY));
+    rows.push(vec![
+        "kernel share measured directly ≤ 1.5 µs per request (BPF run time on nginx's \
+         recvfrom + writev)"
+            .into(),
+        v,
+        verdict(worst <= 1.5),
     ]);
     match fixed.iter().find(|r| r.rate == 10_000) {
         Some(r) => {

@@ -4,7 +4,7 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{BufRead, BufReader},
-    os::fd::{FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, mpsc},
@@ -358,12 +358,12 @@ impl BpfStats {
     }
 }
 
-/// (run time in ns, runs) summed over the BPF programs `pid` holds open, from
-/// /proc/PID/fdinfo (counted while [`BpfStats`] is on).
-pub fn bpf_run_time(pid: u32) -> (u64, u64) {
+/// Program name → (run time in ns, runs) of the BPF programs `pid` holds open, from
+/// /proc/PID/fdinfo (counted while [`BpfStats`] is on); names from the kernel's program info.
+pub fn bpf_run_time(pid: u32) -> BTreeMap<String, (u64, u64)> {
     let mut progs: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return (0, 0);
+        return BTreeMap::new();
     };
     for e in dir.flatten() {
         let Ok(info) = fs::read_to_string(e.path()) else {
@@ -381,9 +381,65 @@ pub fn bpf_run_time(pid: u32) -> (u64, u64) {
             progs.insert(id, (ns, runs));
         }
     }
-    progs
-        .values()
-        .fold((0, 0), |(a, b), (ns, runs)| (a + ns, b + runs))
+    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (id, (ns, runs)) in progs {
+        let name = prog_name(id as u32).unwrap_or_else(|| format!("prog {id}"));
+        let e = out.entry(name).or_default();
+        e.0 += ns;
+        e.1 += runs;
+    }
+    out
+}
+
+/// A BPF program's name (the kernel keeps 15 bytes of it), by id.
+fn prog_name(id: u32) -> Option<String> {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // union bpf_attr: { __u32 prog_id; __u32 next_id; __u32 open_flags; }
+    let attr = [id, 0, 0];
+    // SAFETY: the bpf syscall reads `size` bytes of `attr`, which outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr) as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_prog_info: `name` (16 bytes) at offset 64. Zeroed tail: the kernel accepts a
+    // longer buffer than its struct as long as the extra bytes are zero.
+    let mut info = [0u8; 256];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            size_of::<InfoAttr>() as libc::c_uint,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    let name = &info[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Some(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
 // ---- /proc ----------------------------------------------------------------------------
