@@ -32,6 +32,11 @@ pub const EV_OPEN: u8 = 1;
 pub const EV_DATA: u8 = 2;
 pub const EV_CLOSE: u8 = 3;
 pub const EV_PROC_EXIT: u8 = 4;
+/// A process called exec (filter mode only): its executable may now match `--exe`.
+pub const EV_PROC_EXEC: u8 = 5;
+/// A traced process forked a child process (filter mode only); header-only, the child's pid
+/// in `conn.fd`.
+pub const EV_PROC_FORK: u8 = 6;
 
 /// Connection roles as the kernel first saw them.
 pub const ROLE_UNKNOWN: u8 = 0;
@@ -249,10 +254,15 @@ pub struct KernelConfig {
     /// 1: insert `traceparent` into outgoing HTTP/1 requests of traced processes.
     pub propagate: u32,
     /// Offsets in `struct pt_regs` of syscall arguments 0..3 at syscall exit. Used by the
-    /// `*_regs` exit programs, which need no entry hook.
+    /// `exitr_*` exit programs, which need no entry hook.
     pub regs_args: [u32; 3],
+    /// Offsets of `pid` and `clone_flags` in the task/task_newtask record (from its format
+    /// file); 0: not known, no fork events.
+    pub newtask_pid: u32,
+    pub newtask_flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 96);
+const _: () = assert!(size_of::<KernelConfig>() == 108);
 
 /// Kernel-side counters (per-CPU array indices). Never reuse a number.
 #[repr(u32)]

@@ -195,6 +195,14 @@ impl Pipeline {
         // Idle backoff: while nothing arrives, poll less often (up to 4× --drain-ms). The
         // kernel still wakes us early when the buffer fills, so bursts are not delayed.
         let mut wait = self.drain;
+        // exec and fork events select new processes as they start; the scan of /proc only
+        // catches what they cannot show (a process starting to listen on a --port, lost
+        // events), or everything when those tracepoints are missing.
+        let rescan_every = if self.selector.watches_ports() || !self.probes.sees_process_starts() {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(10)
+        };
         loop {
             let stopping = stop.load(Ordering::Relaxed);
             if !stopping {
@@ -202,7 +210,13 @@ impl Pipeline {
             }
             let before = reorder.len();
             while let Some(item) = ring.next() {
-                reorder.push(&item);
+                // Process starts are acted on at once, not in timestamp order: the sooner a
+                // new process is selected, the fewer of its first requests are missed.
+                if events::is_process_start(&item) {
+                    self.on_process_start(&item);
+                } else {
+                    reorder.push(&item);
+                }
             }
             wait = if reorder.len() > before {
                 self.drain
@@ -247,7 +261,7 @@ impl Pipeline {
                 self.assembler.refresh_clock();
                 refresh_kernel_counters(&self.stats, &self.probes);
             }
-            if self.selector.is_filtering() && last_scan.elapsed() >= Duration::from_secs(2) {
+            if self.selector.is_filtering() && last_scan.elapsed() >= rescan_every {
                 last_scan = Instant::now();
                 self.rescan();
             }
@@ -344,6 +358,39 @@ impl Pipeline {
         }
         Stats::add(&self.stats.spans, self.spans.len() as u64);
         self.sender.send(std::mem::take(&mut self.spans));
+    }
+
+    /// An exec or fork event (filter mode): select or drop that one process now.
+    fn on_process_start(&mut self, record: &[u8]) {
+        Stats::inc(&self.stats.events);
+        let pid = match events::decode(record) {
+            Ok(Event::ProcessExec { tgid }) => {
+                // A new executable: its Resource (service name, ...) is read afresh.
+                self.registry.forget(tgid);
+                tgid
+            }
+            Ok(Event::ProcessFork { parent, child }) if self.selected.contains(&parent) => child,
+            Ok(_) => return,
+            Err(e) => {
+                Stats::inc(&self.stats.decode_errors);
+                log::debug!("undecodable event: {e}");
+                return;
+            }
+        };
+        if !self.selector.is_filtering() || pid == self.self_pid || self.sdk_skipped.contains(&pid)
+        {
+            return;
+        }
+        if self.selector.matches(Path::new("/proc"), pid) {
+            if self.selected.insert(pid) {
+                match self.probes.trace_pid(pid) {
+                    Ok(()) => log::info!("tracing pid {pid} (started)"),
+                    Err(e) => log::warn!("cannot select pid {pid}: {e}"),
+                }
+            }
+        } else if self.selected.remove(&pid) {
+            self.probes.forget_pid(pid);
+        }
     }
 
     fn rescan(&mut self) {

@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
     CTX_INJECTED, CTX_NONE, CTX_SERVER, ConnId, DIR_EGRESS, DIR_INGRESS, DataEventHeader, EV_CLOSE,
-    EV_DATA, EV_OPEN, EV_PROC_EXIT, EventHeader, OpenEvent, ROLE_CLIENT, ROLE_SERVER,
+    EV_DATA, EV_OPEN, EV_PROC_EXEC, EV_PROC_EXIT, EV_PROC_FORK, EventHeader, OpenEvent,
+    ROLE_CLIENT, ROLE_SERVER,
 };
 
 /// Direction of bytes relative to the traced process.
@@ -82,8 +83,24 @@ pub struct DataInfo<'a> {
 pub enum Event<'a> {
     Open(OpenInfo),
     Data(DataInfo<'a>),
-    Close { conn: ConnId, ts_ns: u64 },
-    ProcessExit { tgid: u32, ts_ns: u64 },
+    Close {
+        conn: ConnId,
+        ts_ns: u64,
+    },
+    ProcessExit {
+        tgid: u32,
+        ts_ns: u64,
+    },
+    /// `tgid` called exec (only reported when sonde selects processes).
+    ProcessExec {
+        tgid: u32,
+    },
+    /// Traced process `parent` forked process `child` (only reported when sonde selects
+    /// processes).
+    ProcessFork {
+        parent: u32,
+        child: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -96,6 +113,11 @@ pub enum DecodeError {
     BadCaptureLength { claimed: u32, present: usize },
     #[error("unknown direction {0}")]
     BadDirection(u8),
+}
+
+/// Whether a record is an exec or fork event, without decoding it.
+pub fn is_process_start(record: &[u8]) -> bool {
+    matches!(record.first(), Some(&(EV_PROC_EXEC | EV_PROC_FORK)))
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
@@ -171,6 +193,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EV_PROC_EXIT => Ok(Event::ProcessExit {
             tgid: hdr.conn.tgid,
             ts_ns: hdr.ts_ns,
+        }),
+        EV_PROC_EXEC => Ok(Event::ProcessExec {
+            tgid: hdr.conn.tgid,
+        }),
+        EV_PROC_FORK => Ok(Event::ProcessFork {
+            parent: hdr.conn.tgid,
+            child: hdr.conn.fd,
         }),
         k => Err(DecodeError::UnknownKind(k)),
     }

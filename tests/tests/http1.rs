@@ -219,6 +219,47 @@ async fn traceparent_after_8k_of_headers_is_continued() {
     sonde.stop();
 }
 
+/// With `--exe`, a server started after sonde is selected when it execs (master) and forks
+/// (worker), before it serves: its very first request becomes a span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_started_after_sonde_is_traced_from_its_first_request() {
+    require_root();
+    let rx = Receiver::start().await;
+    let dir = std::env::temp_dir().join(format!("sonde-late-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("nginx-late");
+    std::fs::copy(system_nginx(), &exe).unwrap();
+    let sonde = Sonde::start(
+        &[
+            "--exe",
+            exe.to_str().unwrap(),
+            "--service-name",
+            "nginx-late=late",
+            "--output",
+            "otlp",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.grpc_endpoint()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    let ng = nginx_exe(&exe, "nginx.conf", "late");
+    // The first request, as soon as the port accepts (well within the periodic rescan).
+    let (code, _) = curl(&[&format!("http://127.0.0.1:{}/status/404", ng.port)]);
+    assert_eq!(code, 404);
+    let spans = wait_spans(&rx, "late", SERVER, 1).await;
+    let first = of_service(&spans, "late");
+    assert_eq!(first.len(), 1, "{spans:?}");
+    assert_eq!(attr(first[0], "url.path"), "/status/404");
+    assert_eq!(attr(first[0], "http.response.status_code"), "404");
+    drop(ng);
+    let log = sonde.stop();
+    // Master (exec) and worker (fork) were both selected as they started.
+    assert!(log.matches("(started)").count() >= 2, "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_writev_sendfile_and_connection_opened_before_sonde() {
     require_root();

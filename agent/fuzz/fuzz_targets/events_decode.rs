@@ -33,6 +33,9 @@ fn check_one(rec: &[u8]) {
         Ok(Event::Open(o)) => {
             let _ = o.comm();
         }
+        Ok(Event::ProcessExec { .. } | Event::ProcessFork { .. }) => {
+            assert!(sonde::events::is_process_start(rec));
+        }
         Ok(Event::ProcessExit { .. }) | Err(_) => {}
     }
 }

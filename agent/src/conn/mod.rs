@@ -379,6 +379,8 @@ impl ConnTable {
                     s = next;
                 }
             }
+            // Process selection only.
+            Event::ProcessExec { .. } | Event::ProcessFork { .. } => {}
         }
     }
 

@@ -64,6 +64,14 @@ const ATTACH: &[(&str, &str, &str, bool, Args)] = &[
         false,
         Args::Any,
     ),
+    (
+        "process_exec",
+        "sched",
+        "sched_process_exec",
+        false,
+        Args::Any,
+    ),
+    ("new_task", "task", "task_newtask", false, Args::Any),
     // Exit programs before entry programs: an argument slot filled at entry always meets its
     // exit program.
     ("exit_read", "syscalls", "sys_exit_read", true, Args::Entry),
@@ -406,6 +414,36 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), String> {
     prog.load().map_err(|e| e.to_string())
 }
 
+/// Offsets of `pid` and `clone_flags` in task/task_newtask records, from the event's format
+/// file (a stable layout since Linux 3.x, read rather than assumed).
+fn newtask_offsets() -> Option<(u32, u32)> {
+    let text = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|d| {
+            std::fs::read_to_string(format!("{d}/events/task/task_newtask/format")).ok()
+        })?;
+    parse_newtask_format(&text)
+}
+
+fn parse_newtask_format(text: &str) -> Option<(u32, u32)> {
+    let offset = |decl: &str| {
+        text.lines().find_map(|l| {
+            let rest = l.trim().strip_prefix("field:")?;
+            let (field, rest) = rest.split_once(';')?;
+            if field.trim() != decl {
+                return None;
+            }
+            rest.trim()
+                .strip_prefix("offset:")?
+                .split(';')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+    };
+    Some((offset("pid_t pid")?, offset("u64 clone_flags")?))
+}
+
 /// Mounts tracefs if neither of its usual mount points is populated.
 pub fn ensure_tracefs() -> Result<(), ProbeError> {
     for p in [
@@ -451,6 +489,7 @@ impl Probes {
         let (offsets, regs) = btf::read(Path::new(btf::VMLINUX_BTF))?;
         let forced_entry = std::env::var(SYSCALL_ARGS_ENV).is_ok_and(|v| v == "entry");
         let regs = if forced_entry { None } else { regs };
+        let newtask = newtask_offsets();
         let config = KernelConfig {
             self_tgid: std::process::id(),
             filter_pids: opts.filter_pids as u32,
@@ -461,6 +500,9 @@ impl Probes {
             offsets,
             propagate: opts.propagate as u32,
             regs_args: regs.unwrap_or_default(),
+            newtask_pid: newtask.map_or(0, |o| o.0),
+            newtask_flags: newtask.map_or(0, |o| o.1),
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
@@ -563,6 +605,14 @@ impl Probes {
         ))
     }
 
+    /// Whether exec and fork of processes are reported (both tracepoints attached).
+    pub fn sees_process_starts(&self) -> bool {
+        !self
+            .skipped
+            .iter()
+            .any(|t| t == "sched/sched_process_exec" || t == "task/task_newtask")
+    }
+
     /// Whether ingress syscalls are hooked at exit only (arguments read from registers).
     pub fn ingress_exit_only(&self) -> bool {
         self.exit_only
@@ -597,5 +647,25 @@ impl Probes {
                 (*name, v)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_newtask_offsets_from_its_format() {
+        let format = "name: task_newtask\nID: 205\nformat:\n\
+            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+            \tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n\n\
+            \tfield:pid_t pid;\toffset:8;\tsize:4;\tsigned:1;\n\
+            \tfield:char comm[16];\toffset:12;\tsize:16;\tsigned:0;\n\
+            \tfield:u64 clone_flags;\toffset:32;\tsize:8;\tsigned:0;\n";
+        assert_eq!(parse_newtask_format(format), Some((8, 32)));
+        assert_eq!(
+            parse_newtask_format("format:\n\tfield:pid_t pid;\toffset:8;"),
+            None
+        );
     }
 }

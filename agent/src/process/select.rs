@@ -74,6 +74,27 @@ impl Selector {
         set.is_match(path) || set.is_match(name)
     }
 
+    /// Whether listening ports select processes (which a process can start doing at any time,
+    /// so only a periodic scan notices).
+    pub fn watches_ports(&self) -> bool {
+        !self.ports.is_empty()
+    }
+
+    /// Whether process `pid` (live under `proc_root`) matches.
+    pub fn matches(&self, proc_root: &Path, pid: u32) -> bool {
+        if self.pids.contains(&pid) {
+            return true;
+        }
+        let dir = proc_root.join(pid.to_string());
+        if self.exe.is_some()
+            && let Ok(exe) = fs::read_link(dir.join("exe"))
+            && self.exe_matches(&exe.to_string_lossy())
+        {
+            return true;
+        }
+        !self.ports.is_empty() && owns_any_socket(&dir, &listening_inodes(proc_root, &self.ports))
+    }
+
     /// All live processes under `proc_root` that match, excluding `self_pid`.
     pub fn scan(&self, proc_root: &Path, self_pid: u32) -> HashSet<u32> {
         let mut out: HashSet<u32> = self

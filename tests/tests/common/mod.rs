@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
@@ -487,6 +487,19 @@ pub fn listening_ports(pid: u32) -> Vec<u16> {
 
 /// Stock nginx with the fixture config `conf` (placeholders as in nginx.conf).
 pub fn nginx_with(conf: &str, service: &str) -> Nginx {
+    nginx_exe(Path::new(system_nginx()), conf, service)
+}
+
+pub fn system_nginx() -> &'static str {
+    if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    }
+}
+
+/// nginx run from `bin` (e.g. a private copy, for `--exe` to select it alone).
+pub fn nginx_exe(bin: &Path, conf: &str, service: &str) -> Nginx {
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("sonde-nginx-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -496,11 +509,6 @@ pub fn nginx_with(conf: &str, service: &str) -> Nginx {
         .replace("__PREFIX__", dir.to_str().unwrap())
         .replace("__PORT__", &port.to_string());
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let bin = if std::path::Path::new("/usr/sbin/nginx").exists() {
-        "/usr/sbin/nginx"
-    } else {
-        "nginx"
-    };
     let proc = Proc::spawn(
         "nginx",
         Command::new(bin)
