@@ -623,11 +623,13 @@ fn data_enter(ctx: &TracePointContext, kind: u8, syscall: u8, dir: u8) {
 /// connect() returned after our accept), stop tracing it and tell userspace to forget it.
 /// Returns whether the connection is still traced.
 #[inline(always)]
-fn check_peer(st: *mut ConnState, cur: &ConnState, tgid: u32, fd: u32) -> bool {
-    // SAFETY: plain lookup.
-    let ours = unsafe { SELF_PORTS.get(&self_key(cur.remote_port, cur.local_port)) }.is_some();
+fn check_peer(st: *mut ConnState, tgid: u32, fd: u32) -> bool {
     // SAFETY: `st` points at this connection's map value; updated in place so the caller's
     // pointer stays valid.
+    let cur = unsafe { *st };
+    // SAFETY: plain lookup.
+    let ours = unsafe { SELF_PORTS.get(&self_key(cur.remote_port, cur.local_port)) }.is_some();
+    // SAFETY: as above.
     unsafe { (*st).flags |= if ours { CONN_F_IGNORE } else { CONN_F_CHECKED } };
     if ours {
         count(Counter::SelfConnsSkipped);
@@ -733,8 +735,7 @@ fn emit_data(ctx: &TracePointContext, id: u64, tgid: u32, tid: u32, dir: u8, arg
     if cur.flags & CONN_F_IGNORE != 0 {
         return;
     }
-    if cur.flags & CONN_F_CHECKED == 0 && cur.role != ROLE_CLIENT && !check_peer(st, &cur, tgid, fd)
-    {
+    if cur.flags & CONN_F_CHECKED == 0 && cur.role != ROLE_CLIENT && !check_peer(st, tgid, fd) {
         return;
     }
     let d = (dir & 1) as usize;
