@@ -383,10 +383,7 @@ impl Pipeline {
         }
         if self.selector.matches(Path::new("/proc"), pid) {
             if self.selected.insert(pid) {
-                match self.probes.trace_pid(pid) {
-                    Ok(()) => log::info!("tracing pid {pid} (started)"),
-                    Err(e) => log::warn!("cannot select pid {pid}: {e}"),
-                }
+                start_tracing(&mut self.probes, pid, " (started)");
             }
         } else if self.selected.remove(&pid) {
             self.probes.forget_pid(pid);
@@ -397,16 +394,20 @@ impl Pipeline {
         let mut now = self.selector.scan(Path::new("/proc"), self.self_pid);
         now.retain(|p| !self.sdk_skipped.contains(p));
         for &pid in now.difference(&self.selected) {
-            if let Err(e) = self.probes.trace_pid(pid) {
-                log::warn!("cannot select pid {pid}: {e}");
-            } else {
-                log::info!("tracing pid {pid}");
-            }
+            start_tracing(&mut self.probes, pid, "");
         }
         for &pid in self.selected.difference(&now) {
             self.probes.forget_pid(pid);
         }
         self.selected = now;
+    }
+}
+
+/// Adds `pid` to the kernel's traced set; `why` ends the log line.
+fn start_tracing(probes: &mut Probes, pid: u32, why: &str) {
+    match probes.trace_pid(pid) {
+        Ok(()) => log::info!("tracing pid {pid}{why}"),
+        Err(e) => log::warn!("cannot select pid {pid}: {e}"),
     }
 }
 

@@ -82,17 +82,25 @@ impl Selector {
 
     /// Whether process `pid` (live under `proc_root`) matches.
     pub fn matches(&self, proc_root: &Path, pid: u32) -> bool {
-        if self.pids.contains(&pid) {
-            return true;
-        }
-        let dir = proc_root.join(pid.to_string());
+        let listen_inodes = if self.ports.is_empty() {
+            HashSet::new()
+        } else {
+            listening_inodes(proc_root, &self.ports)
+        };
+        self.pids.contains(&pid)
+            || self.matches_dir(&proc_root.join(pid.to_string()), &listen_inodes)
+    }
+
+    /// Whether the process at `/proc/PID` runs a `--exe` executable or owns one of the
+    /// listening sockets.
+    fn matches_dir(&self, dir: &Path, listen_inodes: &HashSet<u64>) -> bool {
         if self.exe.is_some()
             && let Ok(exe) = fs::read_link(dir.join("exe"))
             && self.exe_matches(&exe.to_string_lossy())
         {
             return true;
         }
-        !self.ports.is_empty() && owns_any_socket(&dir, &listening_inodes(proc_root, &self.ports))
+        !listen_inodes.is_empty() && owns_any_socket(dir, listen_inodes)
     }
 
     /// All live processes under `proc_root` that match, excluding `self_pid`.
@@ -126,14 +134,7 @@ impl Selector {
             if pid == self_pid {
                 continue;
             }
-            if self.exe.is_some()
-                && let Ok(exe) = fs::read_link(entry.path().join("exe"))
-                && self.exe_matches(&exe.to_string_lossy())
-            {
-                out.insert(pid);
-                continue;
-            }
-            if !listen_inodes.is_empty() && owns_any_socket(&entry.path(), &listen_inodes) {
+            if self.matches_dir(&entry.path(), &listen_inodes) {
                 out.insert(pid);
             }
         }
