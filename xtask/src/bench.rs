@@ -148,12 +148,16 @@ pub fn run(quick: bool, rates_only: &[u64], saturation_only: bool) -> Result<()>
     Ok(())
 }
 
+/// nginx and the receiver for a partial run.
+fn partial_rig() -> Result<(Nginx, Receiver)> {
+    let nofile = procs::raise_nofile(65_536)?;
+    Ok((Nginx::start(nofile)?, Receiver::start()?))
+}
+
 /// `--rates-only`: the fixed-rate runs alone: their per-run lines, then per rate the figures
 /// over all its rounds.
 fn only_rates(plan: &Plan, sonde: &Path) -> Result<()> {
-    let nofile = procs::raise_nofile(65_536)?;
-    let nginx = Nginx::start(nofile)?;
-    let rx = Receiver::start()?;
+    let (nginx, rx) = partial_rig()?;
     let mut raw = String::new();
     let rows = fixed_rates(plan, sonde, &nginx, &rx, &mut raw)?;
     for r in &rows {
@@ -175,9 +179,7 @@ fn only_rates(plan: &Plan, sonde: &Path) -> Result<()> {
 
 /// `--saturation-only`: the saturation rounds alone, then the median ratios.
 fn only_saturation(plan: &Plan, sonde: &Path) -> Result<()> {
-    let nofile = procs::raise_nofile(65_536)?;
-    let nginx = Nginx::start(nofile)?;
-    let rx = Receiver::start()?;
+    let (nginx, rx) = partial_rig()?;
     let mut raw = String::new();
     let sat = saturation(plan, sonde, &nginx, &rx, &mut raw)?;
     let base = sat.get(&Mode::NoSonde).map_or(0.0, SatMode::median_rps);

@@ -332,6 +332,23 @@ pub fn add_stats(total: &mut SondeStats, s: &SondeStats) {
 
 // ---- BPF run time ---------------------------------------------------------------------
 
+/// The bpf(2) syscall with `attr` as its `union bpf_attr`; returns what the syscall returns.
+///
+/// # Safety
+/// `attr` must have the layout `cmd` expects, and any pointer in it must be valid for what
+/// the kernel reads or writes through it.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
+    // SAFETY: the kernel reads `size_of::<T>()` bytes of `attr`, which outlives the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            size_of::<T>() as libc::c_uint,
+        )
+    }
+}
+
 /// Keeps the kernel's BPF run-time statistics on while alive (`BPF_ENABLE_STATS`: reference
 /// counted by the kernel, off again when the last holder closes its fd; no sysctl changed).
 pub struct BpfStats(#[allow(dead_code)] OwnedFd);
@@ -340,16 +357,8 @@ impl BpfStats {
     pub fn enable() -> Result<BpfStats> {
         const BPF_ENABLE_STATS: libc::c_long = 32;
         // union bpf_attr { struct { __u32 type; } enable_stats; }: BPF_STATS_RUN_TIME = 0.
-        let attr = [0u32; 2];
-        // SAFETY: the bpf syscall reads `size` bytes of `attr`, which outlives the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_ENABLE_STATS,
-                attr.as_ptr(),
-                std::mem::size_of_val(&attr) as libc::c_uint,
-            )
-        };
+        // SAFETY: the attribute layout of BPF_ENABLE_STATS; no pointers in it.
+        let fd = unsafe { bpf(BPF_ENABLE_STATS, &[0u32; 2]) };
         if fd < 0 {
             bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
         }
@@ -396,16 +405,8 @@ fn prog_name(id: u32) -> Option<String> {
     const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     // union bpf_attr: { __u32 prog_id; __u32 next_id; __u32 open_flags; }
-    let attr = [id, 0, 0];
-    // SAFETY: the bpf syscall reads `size` bytes of `attr`, which outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_FD_BY_ID,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr) as libc::c_uint,
-        )
-    };
+    // SAFETY: the attribute layout of BPF_PROG_GET_FD_BY_ID; no pointers in it.
+    let fd = unsafe { bpf(BPF_PROG_GET_FD_BY_ID, &[id, 0, 0]) };
     if fd < 0 {
         return None;
     }
@@ -426,14 +427,7 @@ fn prog_name(id: u32) -> Option<String> {
         info: info.as_mut_ptr() as u64,
     };
     // SAFETY: the kernel writes at most `info_len` bytes into `info`, which outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const InfoAttr,
-            size_of::<InfoAttr>() as libc::c_uint,
-        )
-    };
+    let r = unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) };
     if r != 0 {
         return None;
     }
