@@ -244,7 +244,7 @@ const _: () = assert!(size_of::<KernelOffsets>() == 64);
 pub struct KernelConfig {
     /// sonde's own tgid: never traced.
     pub self_tgid: u32,
-    /// 1: trace only tgids present in PIDS; 0: trace every process.
+    /// 1: trace only tgids marked PID_TRACE in PIDS; 0: every process not marked PID_EXCLUDE.
     pub filter_pids: u32,
     /// Bytes copied per syscall, at most `MAX_CAPTURE`.
     pub capture_bytes: u32,
@@ -260,9 +260,12 @@ pub struct KernelConfig {
     /// file); 0: not known, no fork events.
     pub newtask_pid: u32,
     pub newtask_flags: u32,
-    pub _pad: u32,
+    /// Offsets of `nvcsw` and `nivcsw` in `struct task_struct`: a thread's context-switch
+    /// counts, which tell an egress exit whether this CPU's entry stamp is its own.
+    pub task_nvcsw: u32,
+    pub task_nivcsw: u32,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 108);
+const _: () = assert!(size_of::<KernelConfig>() == 112);
 
 /// Kernel-side counters (per-CPU array indices). Never reuse a number.
 #[repr(u32)]
@@ -294,8 +297,11 @@ pub enum Counter {
     InjectFailed = 11,
     /// Client sockets put under the propagation program.
     PropagatedSockets = 12,
+    /// Egress syscalls stamped at exit rather than entry: the thread was switched out in
+    /// between (a blocking send), so its entry time was not kept. Not a loss.
+    EgressStampedAtExit = 13,
 }
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 14;
 
 #[cfg(feature = "user")]
 mod user {
@@ -310,3 +316,19 @@ mod user {
 /// but PID_EXCLUDE ones.
 pub const PID_TRACE: u8 = 1;
 pub const PID_EXCLUDE: u8 = 2;
+
+/// PIDS is a bitmap array: two bits (a PID_* value) per tgid, 32 tgids per u64 word, indexed
+/// directly by tgid. An array lookup is an address computation the verifier inlines; a hash
+/// lookup walks a bucket, and at low request rates its cache misses were the largest part of
+/// the hooks' cost.
+pub const PIDS_PER_WORD: u32 = 32;
+/// The largest pid_max on 64-bit Linux (PID_MAX_LIMIT): PIDS covers every possible tgid
+/// with 131072 words (1 MiB).
+pub const PID_MAX_LIMIT: u32 = 1 << 22;
+pub const PIDS_WORDS: u32 = PID_MAX_LIMIT / PIDS_PER_WORD;
+
+/// The word of PIDS holding `tgid`, and the shift of its two bits.
+#[inline(always)]
+pub const fn pid_slot(tgid: u32) -> (u32, u32) {
+    (tgid / PIDS_PER_WORD, (tgid % PIDS_PER_WORD) * 2)
+}

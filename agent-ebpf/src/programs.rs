@@ -2,10 +2,11 @@
 //!
 //! Syscall tracepoints are a stable ABI present on every production kernel (no kprobes or
 //! fentry needed). Exit programs see the result, copy the first bytes that moved and report
-//! them with the connection's stream position. They find the syscall's arguments in the
-//! thread's slot filled by the entry program, or, for reads on kernels with
-//! `bpf_task_pt_regs` (5.15+), in the registers saved at kernel entry: those syscalls need no
-//! entry hook at all. Every loss path bumps a counter in COUNTERS.
+//! them with the connection's stream position. On kernels with `bpf_task_pt_regs` (5.15+)
+//! they read the syscall's arguments from the registers saved at kernel entry: reads need no
+//! entry hook at all, and sends one that only stamps the time in a per-CPU slot. Elsewhere
+//! the entry program saves the arguments in the thread's slot. Every loss path bumps a
+//! counter in COUNTERS.
 //!
 //! Tracepoint record layout (include/trace/events/syscalls.h): common header (8 bytes), the
 //! syscall number (8 with padding), then six 8-byte argument slots on entry, or the return
@@ -22,7 +23,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     },
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 
@@ -61,7 +62,8 @@ pub(crate) static CONFIG: KernelConfig = KernelConfig {
     regs_args: [0; 3],
     newtask_pid: 0,
     newtask_flags: 0,
-    _pad: 0,
+    task_nvcsw: 0,
+    task_nivcsw: 0,
 };
 
 // Sizes are defaults; the loader may resize EVENTS and CONNS.
@@ -73,9 +75,10 @@ static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0
 /// pid_tgid → arguments saved at syscall entry.
 #[map]
 static ARGS: LruHashMap<u64, SyscallArgs> = LruHashMap::with_max_entries(16384, 0);
-/// tgid → PID_TRACE / PID_EXCLUDE, maintained by userspace.
+/// tgid → PID_TRACE / PID_EXCLUDE, two bits per tgid (see `pid_slot`), maintained by
+/// userspace.
 #[map]
-static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+static PIDS: Array<u64> = Array::with_max_entries(PIDS_WORDS, 0);
 /// Local ports of sonde's own outgoing connections: the other end of those is a collector.
 #[map]
 /// Key: sonde's local port << 16 | the collector's port. A source port is only unique per
@@ -86,6 +89,9 @@ static SELF_PORTS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
 fn self_key(sonde_port: u16, collector_port: u16) -> u32 {
     (sonde_port as u32) << 16 | collector_port as u32
 }
+/// Per CPU: the last egress syscall entry on this CPU (arguments-from-registers path).
+#[map]
+static STAMPS: PerCpuArray<EntryStamp> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 #[map]
@@ -103,6 +109,20 @@ const SCRATCH_DATA: usize = 32768 - size_of::<DataEventHeader>();
 /// inside `data` for the verifier, which bounds offset and length independently.
 const IOV_OFFSET_LIMIT: u64 = (SCRATCH_DATA - MAX_CAPTURE) as u64;
 const MAX_IOV: u64 = 8;
+
+/// An egress syscall's entry, kept for its exit on the same CPU.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct EntryStamp {
+    /// pid_tgid of the thread.
+    id: u64,
+    /// The thread's context switches so far: unchanged at exit means the thread never left
+    /// this CPU, so no other entry can have overwritten the slot, and it is this syscall's.
+    switches: u64,
+    ts_ns: u64,
+    syscall: u8,
+    _pad: [u8; 7],
+}
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -144,12 +164,12 @@ pub(crate) fn traced(tgid: u32) -> bool {
     if tgid == cfg_u32(addr_of!(CONFIG.self_tgid)) {
         return false;
     }
-    // SAFETY: value is a plain u8 read once.
-    let entry = unsafe { PIDS.get(&tgid) }.copied();
+    let (word, shift) = pid_slot(tgid);
+    let bits = PIDS.get(word).map_or(0, |w| (*w >> shift) & 3) as u8;
     if cfg_u32(addr_of!(CONFIG.filter_pids)) != 0 {
-        entry == Some(PID_TRACE)
+        bits == PID_TRACE
     } else {
-        entry != Some(PID_EXCLUDE)
+        bits != PID_EXCLUDE
     }
 }
 
@@ -556,11 +576,12 @@ fn data_exit(ctx: &TracePointContext, dir: u8, syscall: u8) {
     emit_data(ctx, id, tgid, tid, dir, &args);
 }
 
-/// Exit of an ingress syscall, without an entry hook: the arguments are read back from the
-/// registers saved at kernel entry, which the syscall leaves in place. Ingress events are
-/// stamped at exit, so nothing else is needed from the entry.
+/// Exit of a data syscall on the arguments-from-registers path: fd, buffer and count are
+/// read back from the registers saved at kernel entry, which the syscall leaves in place.
+/// Ingress events are stamped at exit; egress ones take their entry time from this CPU's
+/// stamp, or the exit time if the thread was switched out meanwhile (counted).
 #[inline(always)]
-fn data_exit_regs(ctx: &TracePointContext, kind: u8, syscall: u8) {
+fn data_exit_regs(ctx: &TracePointContext, kind: u8, syscall: u8, dir: u8) {
     if ret(ctx) <= 0 {
         return;
     }
@@ -568,10 +589,66 @@ fn data_exit_regs(ctx: &TracePointContext, kind: u8, syscall: u8) {
     if !traced(tgid) {
         return;
     }
-    let Some(args) = regs_args(kind, syscall) else {
+    let Some(mut args) = regs_args(kind, syscall) else {
         return;
     };
-    emit_data(ctx, id, tgid, tid, DIR_INGRESS, &args);
+    if dir == DIR_EGRESS {
+        args.enter_ns = match take_stamp(id, syscall) {
+            Some(ts) => ts,
+            None => {
+                count(Counter::EgressStampedAtExit);
+                // SAFETY: helper with no arguments.
+                unsafe { bpf_ktime_get_ns() }
+            }
+        };
+    }
+    emit_data(ctx, id, tgid, tid, dir, &args);
+}
+
+/// The current thread's context switches so far (voluntary + involuntary).
+#[inline(always)]
+fn switches() -> u64 {
+    // SAFETY: a trusted (BTF) pointer to the current task; the verifier checks the loads
+    // against `struct task_struct` (the offsets are read-only constants from BTF).
+    unsafe {
+        let task = bpf_get_current_task_btf() as *const u8;
+        let at = |p: *const u32| read_volatile(task.add(cfg_u32(p) as usize).cast::<u64>());
+        at(addr_of!(CONFIG.task_nvcsw)) + at(addr_of!(CONFIG.task_nivcsw))
+    }
+}
+
+/// Entry of an egress syscall on the arguments-from-registers path: only the time is needed
+/// at exit. Every thread's entry is stamped (cheaper than asking whether it is traced); the
+/// slot is per CPU, so this is a few stores, no table lookup.
+#[inline(always)]
+fn stamp(syscall: u8) {
+    let Some(p) = STAMPS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot; tracepoint programs do not migrate while they run.
+    unsafe {
+        *p = EntryStamp {
+            id: bpf_get_current_pid_tgid(),
+            switches: switches(),
+            ts_ns: bpf_ktime_get_ns(),
+            syscall,
+            _pad: [0; 7],
+        };
+    }
+}
+
+/// This syscall's entry time from the CPU's stamp, if the stamp is this syscall's own.
+#[inline(always)]
+fn take_stamp(id: u64, syscall: u8) -> Option<u64> {
+    let p = STAMPS.get_ptr_mut(0)?;
+    // SAFETY: as in `stamp`.
+    unsafe {
+        if (*p).id != id || (*p).syscall != syscall || (*p).switches != switches() {
+            return None;
+        }
+        (*p).syscall = SYS_NONE;
+        Some((*p).ts_ns)
+    }
 }
 
 /// The current syscall's first three arguments from its saved registers.
@@ -786,21 +863,10 @@ fn copy_iov(s: &mut Scratch, iov: u64, cnt: u64, want: u64) -> u64 {
     off
 }
 
-/// An ingress syscall: the exit program reading arguments from registers where the loader
-/// can use it, else the entry/exit pair.
-macro_rules! ingress_syscall {
-    ($enter:ident, $exit:ident, $exit_regs:ident, $kind:expr, $sys:expr) => {
-        data_syscall!($enter, $exit, $kind, $sys, DIR_INGRESS);
-        #[tracepoint]
-        pub fn $exit_regs(ctx: TracePointContext) -> u32 {
-            data_exit_regs(&ctx, $kind, $sys);
-            0
-        }
-    };
-}
-
+/// A data syscall: the entry/exit pair saving the arguments per thread, and the exit program
+/// reading them from registers (with, for egress, the entry stamp).
 macro_rules! data_syscall {
-    ($enter:ident, $exit:ident, $kind:expr, $sys:expr, $dir:expr) => {
+    ($enter:ident, $exit:ident, $exit_regs:ident, $kind:expr, $sys:expr, $dir:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
             data_enter(&ctx, $kind, $sys, $dir);
@@ -811,44 +877,41 @@ macro_rules! data_syscall {
             data_exit(&ctx, $dir, $sys);
             0
         }
+        #[tracepoint]
+        pub fn $exit_regs(ctx: TracePointContext) -> u32 {
+            data_exit_regs(&ctx, $kind, $sys, $dir);
+            0
+        }
     };
 }
 
-ingress_syscall!(enter_read, exit_read, exitr_read, ARG_BUF, SYS_READ);
-data_syscall!(enter_write, exit_write, ARG_BUF, SYS_WRITE, DIR_EGRESS);
-ingress_syscall!(enter_readv, exit_readv, exitr_readv, ARG_IOVEC, SYS_READV);
-data_syscall!(enter_writev, exit_writev, ARG_IOVEC, SYS_WRITEV, DIR_EGRESS);
-ingress_syscall!(
-    enter_recvfrom,
-    exit_recvfrom,
-    exitr_recvfrom,
-    ARG_BUF,
-    SYS_RECVFROM
-);
-data_syscall!(enter_sendto, exit_sendto, ARG_BUF, SYS_SENDTO, DIR_EGRESS);
-ingress_syscall!(
-    enter_recvmsg,
-    exit_recvmsg,
-    exitr_recvmsg,
-    ARG_MSGHDR,
-    SYS_RECVMSG
-);
-data_syscall!(
-    enter_sendmsg,
-    exit_sendmsg,
-    ARG_MSGHDR,
-    SYS_SENDMSG,
-    DIR_EGRESS
-);
-// sendfile(out_fd, in_fd, ...): bytes leave through out_fd without passing user memory; they
-// still advance the stream position (nginx sends static bodies this way).
-data_syscall!(
-    enter_sendfile,
-    exit_sendfile,
-    ARG_NONE,
-    SYS_SENDFILE,
-    DIR_EGRESS
-);
+/// An egress syscall also has the stamping entry program of the registers path.
+macro_rules! egress_syscall {
+    ($enter:ident, $exit:ident, $stamp:ident, $exit_regs:ident, $kind:expr, $sys:expr) => {
+        data_syscall!($enter, $exit, $exit_regs, $kind, $sys, DIR_EGRESS);
+        #[tracepoint]
+        pub fn $stamp(_ctx: TracePointContext) -> u32 {
+            stamp($sys);
+            0
+        }
+    };
+}
+
+#[rustfmt::skip]
+mod syscalls {
+    use super::*;
+    data_syscall!(enter_read, exit_read, exitr_read, ARG_BUF, SYS_READ, DIR_INGRESS);
+    data_syscall!(enter_readv, exit_readv, exitr_readv, ARG_IOVEC, SYS_READV, DIR_INGRESS);
+    data_syscall!(enter_recvfrom, exit_recvfrom, exitr_recvfrom, ARG_BUF, SYS_RECVFROM, DIR_INGRESS);
+    data_syscall!(enter_recvmsg, exit_recvmsg, exitr_recvmsg, ARG_MSGHDR, SYS_RECVMSG, DIR_INGRESS);
+    egress_syscall!(enter_write, exit_write, stamp_write, exitr_write, ARG_BUF, SYS_WRITE);
+    egress_syscall!(enter_writev, exit_writev, stamp_writev, exitr_writev, ARG_IOVEC, SYS_WRITEV);
+    egress_syscall!(enter_sendto, exit_sendto, stamp_sendto, exitr_sendto, ARG_BUF, SYS_SENDTO);
+    egress_syscall!(enter_sendmsg, exit_sendmsg, stamp_sendmsg, exitr_sendmsg, ARG_MSGHDR, SYS_SENDMSG);
+    // sendfile(out_fd, in_fd, ...): bytes leave through out_fd without passing user memory;
+    // they still advance the stream position (nginx sends static bodies this way).
+    egress_syscall!(enter_sendfile, exit_sendfile, stamp_sendfile, exitr_sendfile, ARG_NONE, SYS_SENDFILE);
+}
 
 #[cfg(not(test))]
 #[panic_handler]

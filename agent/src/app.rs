@@ -54,8 +54,8 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         filter_pids: selector.is_filtering(),
         propagate: cfg.propagate,
     })?;
-    if !probes.ingress_exit_only() {
-        log::info!("ingress syscalls are hooked at entry and exit (arguments saved per thread)");
+    if !probes.args_from_regs() {
+        log::info!("data syscalls are hooked at entry and exit (arguments saved per thread)");
     }
     let self_pid = std::process::id();
     let mut selected = Default::default();

@@ -50,8 +50,8 @@ fn connected_traces(spans: &[ReceivedSpan], a: &str, b: &str, path_prefix: &str)
     ok
 }
 
-/// `entry_hooks`: force the entry + exit hook pair for reads (the path of kernels without
-/// `bpf_task_pt_regs`) instead of exit-only hooks reading the saved registers.
+/// `entry_hooks`: force the entry + exit hook pairs with per-thread argument slots (the path
+/// of kernels without `bpf_task_pt_regs`) instead of exit hooks reading the saved registers.
 async fn run_scenario(concurrency: usize, total: usize, entry_hooks: bool) {
     require_root();
     let rx = Receiver::start().await;
@@ -123,9 +123,9 @@ async fn run_scenario(concurrency: usize, total: usize, entry_hooks: bool) {
     );
     let log = sonde.stop();
     assert_eq!(connected, total, "every request fully connected\n{log}");
-    // This kernel (6.18) has bpf_task_pt_regs: reads are hooked at exit only unless forced.
+    // This kernel (6.18) has bpf_task_pt_regs: arguments come from registers unless forced.
     assert_eq!(
-        log.contains("ingress syscalls are hooked at entry and exit"),
+        log.contains("data syscalls are hooked at entry and exit"),
         entry_hooks,
         "{log}"
     );

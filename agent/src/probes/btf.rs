@@ -83,14 +83,30 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
     Ok(read(path)?.0)
 }
 
-/// The kernel offsets, and where the first three syscall arguments sit in `struct pt_regs`
-/// (None on architectures sonde has no register map for).
-pub fn read(path: &Path) -> Result<(KernelOffsets, Option<[u32; 3]>), BtfError> {
+/// What exit-only hooks read: where the first three syscall arguments sit in `struct
+/// pt_regs`, and where a thread's context-switch counts sit in `struct task_struct`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitOffsets {
+    pub regs_args: [u32; 3],
+    /// `nvcsw`, `nivcsw`.
+    pub task_switches: [u32; 2],
+}
+
+/// The kernel offsets, and those exit-only hooks need (None on architectures sonde has no
+/// register map for).
+pub fn read(path: &Path) -> Result<(KernelOffsets, Option<ExitOffsets>), BtfError> {
     let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    Ok((offsets(&btf)?, syscall_arg_regs(&btf)))
+    let exit = syscall_arg_regs(&btf).and_then(|regs_args| {
+        let at = |m: &str| offset_of(&btf, "task_struct", m).ok();
+        Some(ExitOffsets {
+            regs_args,
+            task_switches: [at("nvcsw")?, at("nivcsw")?],
+        })
+    });
+    Ok((offsets(&btf)?, exit))
 }
 
 /// Offsets in `struct pt_regs` of syscall arguments 0, 1 and 2 as they still are when the
@@ -158,6 +174,6 @@ mod tests {
             return;
         }
         // The x86-64 pt_regs layout is ABI (arch/x86/include/uapi/asm/ptrace.h): dx, si, di.
-        assert_eq!(read(p).unwrap().1, Some([112, 104, 96]));
+        assert_eq!(read(p).unwrap().1.unwrap().regs_args, [112, 104, 96]);
     }
 }

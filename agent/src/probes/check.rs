@@ -201,10 +201,10 @@ pub fn run(try_load: bool) -> Vec<Finding> {
         out.push(match Probes::load(&LoadOptions::default()) {
             Ok((p, _ring)) => {
                 let skipped = p.skipped.clone();
-                let hooks = if p.ingress_exit_only() {
-                    "reads hooked at exit only"
+                let hooks = if p.args_from_regs() {
+                    "arguments read at exit (reads hooked at exit only, sends stamped per CPU at entry)"
                 } else {
-                    "reads hooked at entry and exit (no bpf_task_pt_regs)"
+                    "arguments saved per thread at entry (no bpf_task_pt_regs)"
                 };
                 drop(p);
                 if skipped.is_empty() {

@@ -2,10 +2,12 @@
 //! hands out the maps userspace needs.
 use std::{ffi::CString, path::Path};
 
-use agent_common::{COUNTER_COUNT, KernelConfig, MAX_CAPTURE, PID_EXCLUDE, PID_TRACE, maps};
+use agent_common::{
+    COUNTER_COUNT, KernelConfig, MAX_CAPTURE, PID_EXCLUDE, PID_TRACE, maps, pid_slot,
+};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
 
@@ -20,7 +22,8 @@ static OBJECT_PROPAGATE: &[u8] =
 
 /// Program name → (tracepoint category, tracepoint name, required, which argument path).
 /// Names stay within the kernel's 15 characters so that bpftool and the BPF statistics tell
-/// them apart: `enter_`/`exit_` per syscall, `exitr_` for exits reading the registers.
+/// them apart: `enter_`/`exit_` per syscall, `exitr_` for exits reading the registers and
+/// `stamp_` for the entry time of egress syscalls on that path.
 #[rustfmt::skip]
 const ATTACH: &[(&str, &str, &str, bool, Args)] = &[
     ("exit_accept", "syscalls", "sys_exit_accept", false, Args::Any),
@@ -36,41 +39,52 @@ const ATTACH: &[(&str, &str, &str, bool, Args)] = &[
     ("exit_read", "syscalls", "sys_exit_read", true, Args::Entry),
     ("enter_read", "syscalls", "sys_enter_read", true, Args::Entry),
     ("exitr_read", "syscalls", "sys_exit_read", true, Args::Regs),
-    ("exit_write", "syscalls", "sys_exit_write", true, Args::Any),
-    ("enter_write", "syscalls", "sys_enter_write", true, Args::Any),
+    ("exit_write", "syscalls", "sys_exit_write", true, Args::Entry),
+    ("enter_write", "syscalls", "sys_enter_write", true, Args::Entry),
+    ("exitr_write", "syscalls", "sys_exit_write", true, Args::Regs),
+    ("stamp_write", "syscalls", "sys_enter_write", true, Args::Regs),
     ("exit_readv", "syscalls", "sys_exit_readv", true, Args::Entry),
     ("enter_readv", "syscalls", "sys_enter_readv", true, Args::Entry),
     ("exitr_readv", "syscalls", "sys_exit_readv", true, Args::Regs),
-    ("exit_writev", "syscalls", "sys_exit_writev", true, Args::Any),
-    ("enter_writev", "syscalls", "sys_enter_writev", true, Args::Any),
+    ("exit_writev", "syscalls", "sys_exit_writev", true, Args::Entry),
+    ("enter_writev", "syscalls", "sys_enter_writev", true, Args::Entry),
+    ("exitr_writev", "syscalls", "sys_exit_writev", true, Args::Regs),
+    ("stamp_writev", "syscalls", "sys_enter_writev", true, Args::Regs),
     ("exit_recvfrom", "syscalls", "sys_exit_recvfrom", true, Args::Entry),
     ("enter_recvfrom", "syscalls", "sys_enter_recvfrom", true, Args::Entry),
     ("exitr_recvfrom", "syscalls", "sys_exit_recvfrom", true, Args::Regs),
-    ("exit_sendto", "syscalls", "sys_exit_sendto", true, Args::Any),
-    ("enter_sendto", "syscalls", "sys_enter_sendto", true, Args::Any),
+    ("exit_sendto", "syscalls", "sys_exit_sendto", true, Args::Entry),
+    ("enter_sendto", "syscalls", "sys_enter_sendto", true, Args::Entry),
+    ("exitr_sendto", "syscalls", "sys_exit_sendto", true, Args::Regs),
+    ("stamp_sendto", "syscalls", "sys_enter_sendto", true, Args::Regs),
     ("exit_recvmsg", "syscalls", "sys_exit_recvmsg", true, Args::Entry),
     ("enter_recvmsg", "syscalls", "sys_enter_recvmsg", true, Args::Entry),
     ("exitr_recvmsg", "syscalls", "sys_exit_recvmsg", true, Args::Regs),
-    ("exit_sendmsg", "syscalls", "sys_exit_sendmsg", true, Args::Any),
-    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg", true, Args::Any),
-    ("exit_sendfile", "syscalls", "sys_exit_sendfile64", false, Args::Any),
-    ("enter_sendfile", "syscalls", "sys_enter_sendfile64", false, Args::Any),
+    ("exit_sendmsg", "syscalls", "sys_exit_sendmsg", true, Args::Entry),
+    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg", true, Args::Entry),
+    ("exitr_sendmsg", "syscalls", "sys_exit_sendmsg", true, Args::Regs),
+    ("stamp_sendmsg", "syscalls", "sys_enter_sendmsg", true, Args::Regs),
+    ("exit_sendfile", "syscalls", "sys_exit_sendfile64", false, Args::Entry),
+    ("enter_sendfile", "syscalls", "sys_enter_sendfile64", false, Args::Entry),
+    ("exitr_sendfile", "syscalls", "sys_exit_sendfile64", false, Args::Regs),
+    ("stamp_sendfile", "syscalls", "sys_enter_sendfile64", false, Args::Regs),
 ];
 
-/// How ingress syscalls get their arguments to the exit hook.
+/// How data syscalls get their arguments to the exit hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Args {
     /// Attached either way.
     Any,
     /// An entry program saves them per thread (works on every kernel).
     Entry,
-    /// The exit program reads them from the task's saved registers (one hook instead of two;
-    /// needs `bpf_task_pt_regs`, Linux 5.15, and a register map for this architecture).
+    /// The exit program reads them from the task's saved registers (needs `bpf_task_pt_regs`,
+    /// Linux 5.15, and a register map for this architecture). Ingress syscalls need no entry
+    /// hook at all; egress ones only a per-CPU entry time stamp.
     Regs,
 }
 
-/// Set to `entry` to force the entry/exit pair for ingress syscalls (the path older kernels
-/// take); any other value, or unset, lets sonde choose.
+/// Set to `entry` to force the entry/exit pairs with per-thread argument slots (the path
+/// older kernels take); any other value, or unset, lets sonde choose.
 pub const SYSCALL_ARGS_ENV: &str = "SONDE_SYSCALL_ARGS";
 
 /// Names of the kernel counters, indexed like `agent_common::Counter`.
@@ -88,6 +102,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "kernel_inject_skipped_has_header",
     "kernel_inject_failed",
     "kernel_propagated_sockets",
+    "kernel_egress_stamped_at_exit",
 ];
 
 /// The capabilities sonde runs with (proven by tests/tests/faults.rs): CAP_BPF and
@@ -240,13 +255,13 @@ impl Default for LoadOptions {
 /// Loaded and attached programs. Dropping it detaches everything (links are owned by `ebpf`).
 pub struct Probes {
     _ebpf: Ebpf,
-    pids: HashMap<MapData, u32, u8>,
+    pids: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
     /// The propagation socket map (its sk_msg attachment lives as long as the map).
     _socks: Option<aya::maps::SockHash<MapData, u64>>,
     /// Tracepoints that could not be attached but are optional.
     pub skipped: Vec<String>,
-    exit_only: bool,
+    from_regs: bool,
 }
 
 /// Loads (verifies) one tracepoint program without attaching it.
@@ -287,6 +302,11 @@ fn parse_newtask_format(text: &str) -> Option<(u32, u32)> {
         })
     };
     Some((offset("pid_t pid")?, offset("u64 clone_flags")?))
+}
+
+/// `word` with the two bits at `shift` set to `value`.
+fn with_pid_bits(word: u64, shift: u32, value: u8) -> u64 {
+    word & !(3 << shift) | u64::from(value & 3) << shift
 }
 
 /// Mounts tracefs if neither of its usual mount points is populated.
@@ -344,10 +364,11 @@ impl Probes {
             wakeup_bytes: opts.ring_bytes / 4,
             offsets,
             propagate: opts.propagate as u32,
-            regs_args: regs.unwrap_or_default(),
+            regs_args: regs.map_or([0; 3], |r| r.regs_args),
             newtask_pid: newtask.map_or(0, |o| o.0),
             newtask_flags: newtask.map_or(0, |o| o.1),
-            _pad: 0,
+            task_nvcsw: regs.map_or(0, |r| r.task_switches[0]),
+            task_nivcsw: regs.map_or(0, |r| r.task_switches[1]),
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
@@ -362,11 +383,13 @@ impl Probes {
             Args::Entry
         };
         if args == Args::Regs
-            && let Err(e) = load_program(&mut ebpf, "exitr_read")
+            && let Err(e) = ["exitr_read", "stamp_write"]
+                .into_iter()
+                .try_for_each(|p| load_program(&mut ebpf, p))
         {
             log::info!(
-                "ingress syscalls use entry and exit hooks: reading arguments at exit failed \
-                 to load ({e})"
+                "data syscalls use entry and exit hooks: reading arguments at exit failed to \
+                 load ({e})"
             );
             args = Args::Entry;
         }
@@ -427,7 +450,7 @@ impl Probes {
                 .ok_or(ProbeError::Map(maps::EVENTS, "missing".into()))?,
         )
         .map_err(|e| ProbeError::Map(maps::EVENTS, e.to_string()))?;
-        let pids = HashMap::try_from(
+        let pids = Array::try_from(
             ebpf.take_map(maps::PIDS)
                 .ok_or(ProbeError::Map(maps::PIDS, "missing".into()))?,
         )
@@ -444,7 +467,7 @@ impl Probes {
                 counters,
                 _socks: socks,
                 skipped,
-                exit_only: args == Args::Regs,
+                from_regs: args == Args::Regs,
             },
             events,
         ))
@@ -458,24 +481,37 @@ impl Probes {
             .any(|t| t == "sched/sched_process_exec" || t == "task/task_newtask")
     }
 
-    /// Whether ingress syscalls are hooked at exit only (arguments read from registers).
-    pub fn ingress_exit_only(&self) -> bool {
-        self.exit_only
+    /// Whether data syscalls read their arguments at exit, from registers (reads need no
+    /// entry hook; sends only a per-CPU time stamp).
+    pub fn args_from_regs(&self) -> bool {
+        self.from_regs
     }
 
     /// In filter mode, start tracing `pid`.
     pub fn trace_pid(&mut self, pid: u32) -> Result<(), ProbeError> {
-        Ok(self.pids.insert(&pid, &PID_TRACE, 0)?)
+        self.mark_pid(pid, PID_TRACE)
     }
 
     /// Never trace `pid` (e.g. it runs its own OpenTelemetry SDK).
     pub fn exclude_pid(&mut self, pid: u32) -> Result<(), ProbeError> {
-        Ok(self.pids.insert(&pid, &PID_EXCLUDE, 0)?)
+        self.mark_pid(pid, PID_EXCLUDE)
     }
 
     /// Forget `pid` (it exited).
     pub fn forget_pid(&mut self, pid: u32) {
-        let _ = self.pids.remove(&pid);
+        let _ = self.mark_pid(pid, 0);
+    }
+
+    /// Sets the two bits of `pid` in PIDS. Only this thread writes the map (the programs only
+    /// read it), so reading and writing back the word loses no other tgid's update.
+    fn mark_pid(&mut self, pid: u32, value: u8) -> Result<(), ProbeError> {
+        let (word, shift) = pid_slot(pid);
+        let old = self.pids.get(&word, 0)?;
+        let new = with_pid_bits(old, shift, value);
+        if new != old {
+            self.pids.set(word, &new, 0)?;
+        }
+        Ok(())
     }
 
     /// Kernel counters summed over CPUs, named as in `COUNTER_NAMES`.
@@ -498,6 +534,25 @@ impl Probes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_tgid_has_its_own_two_bits() {
+        use agent_common::{PID_MAX_LIMIT, PIDS_WORDS};
+        assert!(pid_slot(PID_MAX_LIMIT - 1).0 < PIDS_WORDS);
+        // Neighbours in one word: marking one leaves the other as it was.
+        let (w1, s1) = pid_slot(4321);
+        let (w2, s2) = pid_slot(4322);
+        assert_eq!(w1, w2);
+        let word = with_pid_bits(with_pid_bits(0, s1, PID_TRACE), s2, PID_EXCLUDE);
+        assert_eq!((word >> s1) & 3, u64::from(PID_TRACE));
+        assert_eq!((word >> s2) & 3, u64::from(PID_EXCLUDE));
+        let word = with_pid_bits(word, s1, 0);
+        assert_eq!((word >> s1) & 3, 0);
+        assert_eq!((word >> s2) & 3, u64::from(PID_EXCLUDE));
+        // The last tgid of a word uses its top bits.
+        assert_eq!(pid_slot(31), (0, 62));
+        assert_eq!(pid_slot(32), (1, 0));
+    }
 
     #[test]
     fn reads_newtask_offsets_from_its_format() {
