@@ -26,7 +26,7 @@ use crate::{
     export::{self, ExportConfig, SpanSender},
     metrics::Stats,
     probes::{LoadOptions, Probes},
-    process::{Registry, Selector},
+    process::{Registry, Selector, select},
     span::{
         Span,
         assemble::{Assembler, LinkOptions},
@@ -384,9 +384,34 @@ impl Pipeline {
         if self.selector.matches(Path::new("/proc"), pid) {
             if self.selected.insert(pid) {
                 start_tracing(&mut self.probes, pid, " (started)");
+                self.select_children(pid);
             }
         } else if self.selected.remove(&pid) {
             self.probes.forget_pid(pid);
+        }
+    }
+
+    /// The kernel reports forks of traced processes only; a process that forked before it was
+    /// marked traced (sonde was slow to see its exec) has its children selected here.
+    fn select_children(&mut self, pid: u32) {
+        let proc_root = Path::new("/proc");
+        let mut todo = vec![pid];
+        let mut budget = 256;
+        while let Some(parent) = todo.pop() {
+            for child in select::children(proc_root, parent) {
+                budget -= 1;
+                if budget == 0 {
+                    return; // The periodic rescan finds the rest.
+                }
+                if child != self.self_pid
+                    && !self.sdk_skipped.contains(&child)
+                    && self.selector.matches(proc_root, child)
+                    && self.selected.insert(child)
+                {
+                    start_tracing(&mut self.probes, child, " (started)");
+                    todo.push(child);
+                }
+            }
         }
     }
 

@@ -169,6 +169,52 @@ fn listening_inodes(proc_root: &Path, ports: &[u16]) -> HashSet<u64> {
     out
 }
 
+/// The live children of process `pid`: from `/proc/PID/task/*/children`, or where the kernel
+/// lacks those files (CONFIG_PROC_CHILDREN), from every process's parent in `/proc/*/stat`.
+pub fn children(proc_root: &Path, pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(proc_root.join(pid.to_string()).join("task")) else {
+        return Vec::new();
+    };
+    let mut found = false;
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(text) = fs::read_to_string(task.path().join("children")) {
+            found = true;
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    if found {
+        out
+    } else {
+        children_by_parent(proc_root, pid)
+    }
+}
+
+fn children_by_parent(proc_root: &Path, pid: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            fs::read_to_string(proc_root.join(p.to_string()).join("stat"))
+                .ok()
+                .and_then(|stat| parent_of(&stat))
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// The parent pid in a `/proc/PID/stat` line: the field after the state, which follows the
+/// command name's closing parenthesis (the name itself may hold spaces and parentheses).
+fn parent_of(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn owns_any_socket(pid_dir: &Path, inodes: &HashSet<u64>) -> bool {
     let Ok(fds) = fs::read_dir(pid_dir.join("fd")) else {
         return false;
@@ -214,6 +260,23 @@ mod tests {
         assert!(s.scan(Path::new("/proc"), 0).contains(&me));
         let s = Selector::new(vec![me, 4_000_000], vec![], vec![]).unwrap();
         assert_eq!(s.scan(Path::new("/proc"), 0), HashSet::from([me]));
+    }
+
+    #[test]
+    fn finds_children_both_ways() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        let proc_root = Path::new("/proc");
+        assert!(children_by_parent(proc_root, me).contains(&child.id()));
+        assert!(children(proc_root, me).contains(&child.id()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!children(proc_root, me).contains(&child.id()));
+        assert_eq!(parent_of("42 (a) b (c)) S 7 42 42 0"), Some(7));
+        assert_eq!(parent_of("garbage"), None);
     }
 
     #[test]
