@@ -1394,11 +1394,11 @@ fn render(
     out += &table(&["target", "measured", "verdict"], &rows);
     let _ = writeln!(
         out,
-        "\n(noisy): other jobs took more than {FOREIGN_LIMIT} cores during a run, the rounds of \
-         one side differed by more than the target, the difference came out negative by more \
-         than the target, or the generator fell behind its schedule (> 1% of requests sent \
-         > 1 ms late; saturation: baseline rounds > 15% apart). The verdict is then not \
-         evidence either way: rerun on a quiet machine."
+        "\n(noisy): the middle half of the per-round differences spans more than the target, \
+         their median came out negative by more than the target, other jobs took more than \
+         {FOREIGN_LIMIT} cores during a run, or the generator fell behind its schedule (> 1% \
+         of requests sent > 1 ms late; saturation: baseline rounds > 15% apart). The verdict \
+         is then weak evidence either way: rerun on a quiet machine."
     );
 
     let _ = writeln!(
