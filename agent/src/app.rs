@@ -360,7 +360,7 @@ impl Pipeline {
         self.sender.send(std::mem::take(&mut self.spans));
     }
 
-    /// An exec or fork event (filter mode): select or drop that one process now.
+    /// An exec or fork event (filter mode): select or drop that process now.
     fn on_process_start(&mut self, record: &[u8]) {
         Stats::inc(&self.stats.events);
         let pid = match events::decode(record) {
@@ -377,40 +377,36 @@ impl Pipeline {
                 return;
             }
         };
-        if !self.selector.is_filtering() || pid == self.self_pid || self.sdk_skipped.contains(&pid)
-        {
-            return;
-        }
-        if self.selector.matches(Path::new("/proc"), pid) {
-            if self.selected.insert(pid) {
-                start_tracing(&mut self.probes, pid, " (started)");
-                self.select_children(pid);
-            }
-        } else if self.selected.remove(&pid) {
-            self.probes.forget_pid(pid);
+        if self.selector.is_filtering() {
+            self.decide_started(pid);
         }
     }
 
-    /// The kernel reports forks of traced processes only; a process that forked before it was
-    /// marked traced (sonde was slow to see its exec) has its children selected here.
-    fn select_children(&mut self, pid: u32) {
+    /// Selects `pid` if it now matches, or drops it if it no longer does. A newly selected
+    /// process has its children decided too: the kernel reports forks of traced processes
+    /// only, so children forked before sonde marked the parent (it saw the exec late) are
+    /// caught here.
+    fn decide_started(&mut self, pid: u32) {
         let proc_root = Path::new("/proc");
         let mut todo = vec![pid];
-        let mut budget = 256;
-        while let Some(parent) = todo.pop() {
-            for child in select::children(proc_root, parent) {
-                budget -= 1;
-                if budget == 0 {
-                    return; // The periodic rescan finds the rest.
+        // At most this many children are looked at; the periodic rescan finds the rest.
+        let mut budget = 256usize;
+        while let Some(pid) = todo.pop() {
+            if pid == self.self_pid || self.sdk_skipped.contains(&pid) {
+                continue;
+            }
+            if !self.selector.matches(proc_root, pid) {
+                if self.selected.remove(&pid) {
+                    self.probes.forget_pid(pid);
                 }
-                if child != self.self_pid
-                    && !self.sdk_skipped.contains(&child)
-                    && self.selector.matches(proc_root, child)
-                    && self.selected.insert(child)
-                {
-                    start_tracing(&mut self.probes, child, " (started)");
-                    todo.push(child);
-                }
+                continue;
+            }
+            if self.selected.insert(pid) {
+                start_tracing(&mut self.probes, pid, " (started)");
+                let children = select::children(proc_root, pid);
+                let take = children.len().min(budget);
+                budget -= take;
+                todo.extend_from_slice(&children[..take]);
             }
         }
     }
