@@ -58,7 +58,7 @@ enum Cmd {
     },
     /// Spans through the real exporter to a local OTLP receiver.
     Export {
-        /// Rounded up to a whole number of export batches (2048).
+        /// Rounded up to a whole number of export batches (the exporter's default size).
         #[arg(long, default_value_t = 200_000)]
         spans: usize,
         /// `grpc` or `http/protobuf`.
@@ -186,10 +186,13 @@ fn record(exchanges: usize, conns: usize) -> Records {
 
 // ---- pipeline replay ----------------------------------------------------------------------
 
-/// Exchanges per assembly batch and spans per OTLP request, as in `app` and the exporter's
-/// default `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`.
+/// Exchanges per assembly batch, as in `app`.
 const EXCHANGE_BATCH: usize = 1024;
-const EXPORT_BATCH: usize = 2048;
+
+/// Spans per OTLP request: the exporter's default `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`.
+fn export_batch() -> usize {
+    ExportConfig::default().max_export_batch_size
+}
 
 #[derive(Default, Clone, Copy)]
 struct Replay {
@@ -228,7 +231,7 @@ impl Replayer {
             registry: Registry::new(),
             assembler: Assembler::new(BootClock::sample(), SpanOptions::default()),
             exchanges: Vec::with_capacity(EXCHANGE_BATCH),
-            spans: Vec::with_capacity(EXPORT_BATCH),
+            spans: Vec::with_capacity(export_batch()),
             out: Vec::new(),
             encoder: Encoder::default(),
             r: Replay::default(),
@@ -276,8 +279,9 @@ impl Replayer {
             keep.append(&mut self.spans);
             return;
         }
-        while self.spans.len() >= EXPORT_BATCH || (last && !self.spans.is_empty()) {
-            let n = self.spans.len().min(EXPORT_BATCH);
+        let batch = export_batch();
+        while self.spans.len() >= batch || (last && !self.spans.is_empty()) {
+            let n = self.spans.len().min(batch);
             let t = Instant::now();
             self.out.clear();
             self.encoder.encode(&self.spans[..n], &mut self.out);
@@ -347,7 +351,7 @@ fn pipeline(exchanges: usize, conns: usize, reps: usize) -> Result<()> {
 // ---- export -----------------------------------------------------------------------------
 
 fn export_bench(n: usize, protocol: &str, compression: &str) -> Result<()> {
-    let n = n.max(1).next_multiple_of(EXPORT_BATCH);
+    let n = n.max(1).next_multiple_of(export_batch());
     // Real spans: the pipeline's own output for nginx-like exchanges.
     let (_, spans) = Replayer::new(true).run(&record(n, 100))?;
     if spans.len() != n {

@@ -114,8 +114,10 @@ pub struct ExportConfig {
     /// `OTEL_BSP_MAX_QUEUE_SIZE`: spans waiting to be exported, at most; more are dropped and
     /// counted. Default 8192.
     pub max_queue_size: usize,
-    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`: spans per request, at most. Default 2048, never more
-    /// than `max_queue_size`.
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`: spans per request, at most. Default 512 (the
+    /// specification's), never more than `max_queue_size`. About 210 KB of protobuf for HTTP
+    /// server spans: each request is one socket write, and on kernels without preemption a
+    /// long write holds its CPU until it is done.
     pub max_export_batch_size: usize,
     pub retry: RetryPolicy,
     /// Console: a trace is printed once no span of it arrived for this long. Default 1 s.
@@ -140,7 +142,7 @@ impl Default for ExportConfig {
             ca_certificate: None,
             schedule_delay: Duration::from_millis(1000),
             max_queue_size: 8192,
-            max_export_batch_size: 2048,
+            max_export_batch_size: 512,
             retry: RetryPolicy::default(),
             console_quiet: Duration::from_secs(1),
             console_max_spans: 10_000,
@@ -619,12 +621,12 @@ mod tests {
         let c = cfg(&[]).unwrap();
         assert_eq!(
             (c.schedule_delay, c.max_queue_size, c.max_export_batch_size),
-            (Duration::from_millis(1000), 8192, 2048)
+            (Duration::from_millis(1000), 8192, 512)
         );
         let c = cfg(&[
             ("OTEL_BSP_SCHEDULE_DELAY", "250"),
             ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
-            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1000"),
             ("OTEL_BSP_EXPORT_TIMEOUT", "7000"),
         ])
         .unwrap();

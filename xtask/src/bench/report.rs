@@ -277,7 +277,7 @@ pub(super) fn render(
     // 4.
     let _ = writeln!(
         out,
-        "\n### 4. Export and memory\n\nThe real exporter (queue, batches of 2048, retries) \
+        "\n### 4. Export and memory\n\nThe real exporter (queue, default batches of 512 spans, retries) \
          sending {} pipeline-built spans to a local receiver (prost decode + count), on this \
          2-core machine; CPU split by thread.\n",
         export
