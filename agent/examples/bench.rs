@@ -216,6 +216,8 @@ struct Replayer {
     assembler: Assembler,
     exchanges: Vec<Exchange>,
     spans: Vec<Span>,
+    /// Spans per OTLP request (`export_batch`, read once).
+    batch: usize,
     out: Vec<u8>,
     encoder: Encoder,
     r: Replay,
@@ -225,13 +227,15 @@ struct Replayer {
 
 impl Replayer {
     fn new(keep: bool) -> Self {
+        let batch = export_batch();
         Replayer {
             stats: Stats::default(),
             conns: ConnTable::new(ConnLimits::default()),
             registry: Registry::new(),
             assembler: Assembler::new(BootClock::sample(), SpanOptions::default()),
             exchanges: Vec::with_capacity(EXCHANGE_BATCH),
-            spans: Vec::with_capacity(export_batch()),
+            spans: Vec::with_capacity(batch),
+            batch,
             out: Vec::new(),
             encoder: Encoder::default(),
             r: Replay::default(),
@@ -279,9 +283,8 @@ impl Replayer {
             keep.append(&mut self.spans);
             return;
         }
-        let batch = export_batch();
-        while self.spans.len() >= batch || (last && !self.spans.is_empty()) {
-            let n = self.spans.len().min(batch);
+        while self.spans.len() >= self.batch || (last && !self.spans.is_empty()) {
+            let n = self.spans.len().min(self.batch);
             let t = Instant::now();
             self.out.clear();
             self.encoder.encode(&self.spans[..n], &mut self.out);
