@@ -95,6 +95,13 @@ pub fn run(quick: bool, rates_only: &[u64], saturation_only: bool) -> Result<()>
     let other = std::env::var_os("SONDE_BENCH_BIN").map(PathBuf::from);
     if !rates_only.is_empty() {
         plan.rates = rates_only.to_vec();
+        // SONDE_BENCH_RATE_SECS: longer runs, e.g. to profile a steady sonde with perf.
+        if let Some(secs) = std::env::var("SONDE_BENCH_RATE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            plan.rate_secs = secs;
+        }
         return only_rates(&plan, &other.unwrap_or(sonde));
     }
     if saturation_only {
