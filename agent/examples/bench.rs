@@ -38,10 +38,6 @@ use sonde::span::Span;
 use sonde::span::assemble::Assembler;
 use sonde::span::http::SpanOptions;
 
-/// The daemon's allocator (see `agent/src/main.rs`), so the replay measures what it runs.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(about = "sonde userspace benchmarks (pipeline replay, exporter throughput)")]
 struct Cli {

@@ -1,11 +1,6 @@
 use clap::Parser;
 use sonde::cli::{Cli, Command, RunConfig};
 
-/// mimalloc: cheaper than glibc malloc for spans freed on another thread than the one that
-/// built them (agent/Cargo.toml has the measurements' summary).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
