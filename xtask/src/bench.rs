@@ -88,6 +88,17 @@ impl Plan {
 
 pub fn run(quick: bool, rates_only: &[u64], saturation_only: bool) -> Result<()> {
     let started = Instant::now();
+    // SONDE_BENCH_RATE_SECS (with --rates-only): longer runs, e.g. to profile a steady sonde
+    // with perf. Checked before the set-up and build.
+    let rate_secs = match std::env::var("SONDE_BENCH_RATE_SECS") {
+        Ok(v) => Some(
+            v.parse()
+                .ok()
+                .filter(|&s: &u64| s > 0)
+                .with_context(|| format!("SONDE_BENCH_RATE_SECS={v:?}: want whole seconds > 0"))?,
+        ),
+        Err(_) => None,
+    };
     setup::setup(true)?;
     let sonde = setup::build_release()?;
     let mut plan = Plan::new(quick);
@@ -95,11 +106,7 @@ pub fn run(quick: bool, rates_only: &[u64], saturation_only: bool) -> Result<()>
     let other = std::env::var_os("SONDE_BENCH_BIN").map(PathBuf::from);
     if !rates_only.is_empty() {
         plan.rates = rates_only.to_vec();
-        // SONDE_BENCH_RATE_SECS: longer runs, e.g. to profile a steady sonde with perf.
-        if let Some(secs) = std::env::var("SONDE_BENCH_RATE_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-        {
+        if let Some(secs) = rate_secs {
             plan.rate_secs = secs;
         }
         return only_rates(&plan, &other.unwrap_or(sonde));
