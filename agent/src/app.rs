@@ -213,6 +213,13 @@ impl Pipeline {
                 // Process starts are acted on at once, not in timestamp order: the sooner a
                 // new process is selected, the fewer of its first requests are missed.
                 if events::is_process_start(&item) {
+                    // A reused pid: the previous process with it ends (its last exchanges
+                    // and Resource, its selection) before the new one is looked at.
+                    if let Some(exit_ts) =
+                        events::started_pid(&item).and_then(|p| reorder.held_exit(p))
+                    {
+                        reorder.release(exit_ts, |rec| self.handle(rec));
+                    }
                     self.on_process_start(&item);
                 } else {
                     reorder.push(&item);

@@ -309,6 +309,17 @@ pub mod encode {
     pub fn close(conn: ConnId, ts_ns: u64) -> Vec<u8> {
         bytes_of(&header(EV_CLOSE, conn, ts_ns, conn.tgid)).to_vec()
     }
+
+    /// A process record as the kernel writes it: `EV_PROC_EXIT`, `EV_PROC_EXEC`, or
+    /// `EV_PROC_FORK` (whose `child` travels in `conn.fd`).
+    pub fn process(kind: u8, tgid: u32, child: u32, ts_ns: u64) -> Vec<u8> {
+        let conn = ConnId {
+            tgid,
+            fd: child,
+            generation: 0,
+        };
+        bytes_of(&header(kind, conn, ts_ns, tgid)).to_vec()
+    }
 }
 
 #[cfg(test)]
@@ -389,23 +400,58 @@ mod tests {
 /// at syscall entry can be after the peer's read of the same bytes (another CPU). Causality
 /// across processes (a client's request before the server's read of it) is in *timestamp*
 /// order, so records are held for `hold_ns` and released sorted by timestamp.
+///
+/// Process exits held back are remembered apart ([`Reorder::held_exit`]): a process started
+/// with the same pid (pid reuse) must not be acted on before its predecessor has ended.
 #[derive(Default)]
 pub struct Reorder {
     arena: Vec<u8>,
     /// (timestamp, offset, length) into `arena`.
     items: Vec<(u64, u32, u32)>,
     spare: Vec<u8>,
+    /// (tgid, timestamp) of the process exits among `items`.
+    exits: Vec<(u32, u64)>,
+}
+
+/// A record's timestamp, without decoding it (0 for a record too short to have one).
+pub fn record_ts(record: &[u8]) -> u64 {
+    record
+        .get(8..16)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .unwrap_or(0)
+}
+
+/// The pid an exec or fork record starts (the child, for a fork), without decoding it.
+pub fn started_pid(record: &[u8]) -> Option<u32> {
+    let at = match *record.first()? {
+        EV_PROC_EXEC => 16, // conn.tgid
+        EV_PROC_FORK => 20, // conn.fd carries the child
+        _ => return None,
+    };
+    Some(u32::from_le_bytes(record.get(at..at + 4)?.try_into().ok()?))
 }
 
 impl Reorder {
     pub fn push(&mut self, record: &[u8]) {
-        let ts = record
-            .get(8..16)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .unwrap_or(0);
+        let ts = record_ts(record);
+        if record.first() == Some(&EV_PROC_EXIT)
+            && let Some(b) = record.get(16..20)
+        {
+            self.exits
+                .push((u32::from_le_bytes(b.try_into().expect("4 bytes")), ts));
+        }
         self.items
             .push((ts, self.arena.len() as u32, record.len() as u32));
         self.arena.extend_from_slice(record);
+    }
+
+    /// The timestamp of the latest held-back exit of process `tgid`, if any.
+    pub fn held_exit(&self, tgid: u32) -> Option<u64> {
+        self.exits
+            .iter()
+            .filter(|&&(t, _)| t == tgid)
+            .map(|&(_, ts)| ts)
+            .max()
     }
 
     pub fn len(&self) -> usize {
@@ -424,6 +470,7 @@ impl Reorder {
         }
         self.items.sort_by_key(|&(ts, _, _)| ts);
         let cut = self.items.partition_point(|&(ts, _, _)| ts <= until_ns);
+        self.exits.retain(|&(_, ts)| ts > until_ns);
         for &(_, off, len) in &self.items[..cut] {
             f(&self.arena[off as usize..(off + len) as usize]);
         }
@@ -449,6 +496,25 @@ mod reorder_tests {
     use super::*;
 
     #[test]
+    fn started_pid_reads_exec_and_fork_records_only() {
+        let exec = encode::process(EV_PROC_EXEC, 42, 0, 5);
+        let fork = encode::process(EV_PROC_FORK, 42, 43, 5);
+        let exit = encode::process(EV_PROC_EXIT, 42, 0, 5);
+        assert_eq!(started_pid(&exec), Some(42));
+        assert_eq!(started_pid(&fork), Some(43));
+        assert_eq!(started_pid(&exit), None);
+        assert_eq!(started_pid(&exec[..18]), None);
+        assert!(matches!(
+            decode(&fork),
+            Ok(Event::ProcessFork {
+                parent: 42,
+                child: 43
+            })
+        ));
+        assert_eq!(record_ts(&exit), 5);
+    }
+
+    #[test]
     fn releases_in_timestamp_order_and_holds_the_rest() {
         let c = ConnId::default();
         let mut r = Reorder::default();
@@ -471,6 +537,16 @@ mod reorder_tests {
         });
         assert_eq!(got, vec![40, 45, 50]);
         assert!(r.is_empty());
+        // Held-back exits are known by pid until released.
+        r.push(&encode::process(EV_PROC_EXIT, 42, 0, 60));
+        r.push(&encode::process(EV_PROC_EXIT, 43, 0, 70));
+        r.push(&encode::process(EV_PROC_EXIT, 42, 0, 80));
+        assert_eq!(r.held_exit(42), Some(80));
+        assert_eq!(r.held_exit(7), None);
+        r.release(75, |_| {});
+        assert_eq!((r.held_exit(42), r.held_exit(43)), (Some(80), None));
+        r.release(u64::MAX, |_| {});
+        assert_eq!(r.held_exit(42), None);
         // Short garbage records are kept and released (decode then rejects them).
         r.push(&[1, 2, 3]);
         let mut n = 0;

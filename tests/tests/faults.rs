@@ -1,9 +1,9 @@
 //! Fault tolerance, hostile input and least privilege, end to end: collector outages, SIGTERM,
-//! SIGKILL and restart, traced processes dying mid-request, fd reuse, 10k concurrent
+//! SIGKILL and restart, traced processes dying mid-request, fd and pid reuse, 10k concurrent
 //! connections, slowloris clients, a capability-reduced sonde, and the self-metrics endpoint.
 //! Root only; run serially by `cargo xtask test`.
 //!
-//! Every test selects its own processes (`--pid`/`--port`) and asserts on its own services'
+//! Every test selects its own processes (`--pid`/`--port`/`--exe`) and asserts on its own services'
 //! spans only: other sondes and servers may run on the machine at the same time.
 mod common;
 
@@ -584,6 +584,107 @@ async fn fd_reuse_gives_every_request_exactly_one_span() {
     assert_eq!(peers.len(), spans_late.len(), "distinct peer ports");
     assert_eq!(stat_of(&log, "conns_opened"), N as u64, "{log}");
     assert_eq!(stat_of(&log, "spans"), N as u64, "{log}");
+}
+
+/// Starts the test app as `service` on `port` with exactly the pid `pid` (the kernel hands out
+/// `ns_last_pid + 1` when it is free); `None` if other forks kept taking it.
+fn python_app_with_pid(service: &str, port: u16, pid: u32) -> Option<Proc> {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+            .expect("write /proc/sys/kernel/ns_last_pid");
+        let p = python_app_on(service, port);
+        if p.pid() == pid {
+            return Some(p);
+        }
+        drop(p);
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_pid_is_a_new_process_with_its_own_identity() {
+    require_root();
+    let rx = Receiver::start().await;
+    let port1 = free_port();
+    let mut port2 = free_port();
+    while port2 == port1 {
+        port2 = free_port();
+    }
+    // Selected by executable: the second process is selected as it starts (exec), while the
+    // first one's exit may still be on its way through the pipeline.
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .unwrap();
+    let python = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut first = python_app_on("pyfirst", port1);
+    let pid = first.pid();
+    let sonde = start(
+        &["--exe", &python, "--output", "otlp"],
+        &otlp_env(&rx, 100, &[]),
+    );
+    let mut c = Raw::connect(port1);
+    assert_eq!(get_keepalive(&mut c, "/ok?a=1"), (200, b"hello\n".to_vec()));
+    wait_server(&rx, "pyfirst", Duration::from_secs(20), |s| !s.is_empty()).await;
+    // A request in flight when the process dies.
+    c.send(b"GET /slow?ms=5000 HTTP/1.1\r\nHost: t\r\n\r\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let Some(second) = python_app_with_pid("pysecond", port2, pid) else {
+        panic!("pid {pid} was not handed out again");
+    };
+    // The new process's connections get the first one's fd numbers again.
+    let mut c2 = Raw::connect(port2);
+    for q in ["b=1", "b=2"] {
+        assert_eq!(
+            get_keepalive(&mut c2, &format!("/ok?{q}")),
+            (200, b"hello\n".to_vec())
+        );
+    }
+    assert_eq!(curl(&[&format!("http://127.0.0.1:{port2}/ok?b=3")]).0, 200);
+
+    let second_spans = wait_server(
+        &rx,
+        "pysecond",
+        Duration::from_secs(20),
+        settled(3, |s| s.len()),
+    )
+    .await;
+    let first_spans = wait_server(&rx, "pyfirst", Duration::from_secs(20), |s| s.len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await; // strays would show up by now
+    drop(second);
+    let log = sonde.stop();
+    let all = rx.spans();
+    let of_pid: Vec<&ReceivedSpan> = all
+        .iter()
+        .filter(|s| s.res("process.pid") == Some(&pid.to_string()))
+        .collect();
+    assert_eq!(of_pid.len(), 5, "spans of pid {pid}: {of_pid:?}\n{log}");
+
+    let mut got: Vec<&str> = second_spans.iter().map(|s| attr(s, "url.query")).collect();
+    got.sort_unstable();
+    assert_eq!(got, ["b=1", "b=2", "b=3"], "pid {pid}\n{log}");
+    for s in &second_spans {
+        assert_eq!(attr(s, "http.response.status_code"), "200");
+        assert_eq!(s.status_code, 0);
+        assert_eq!(s.res("process.pid"), Some(pid.to_string().as_str()));
+    }
+    let ok = with_query(&first_spans, "a=1");
+    assert_eq!(ok.len(), 1, "{first_spans:?}");
+    assert_eq!(attr(ok[0], "http.response.status_code"), "200");
+    let died: Vec<_> = first_spans
+        .iter()
+        .filter(|s| attr(s, "url.path") == "/slow")
+        .collect();
+    assert_eq!(died.len(), 1, "{first_spans:?}");
+    assert_eq!(attr(died[0], "error.type"), "connection_closed");
+    assert_eq!(first_spans.len(), 2, "{first_spans:?}");
+    assert!(!log.contains("panicked"), "{log}");
 }
 
 // ---- 6. 10k concurrent connections -----------------------------------------------------------
