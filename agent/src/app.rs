@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent_common::ConnId;
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 
@@ -116,6 +117,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         exchanges: Vec::with_capacity(1024),
         starts: Vec::with_capacity(64),
         spans: Vec::with_capacity(1024),
+        dead_conns: Vec::new(),
         trace_sdk: cfg.trace_sdk_processes,
         sdk_skipped: Default::default(),
     };
@@ -182,6 +184,8 @@ struct Pipeline {
     exchanges: Vec<Exchange>,
     starts: Vec<RequestStart>,
     spans: Vec<Span>,
+    /// Connections of a process that just exited (scratch).
+    dead_conns: Vec<ConnId>,
     trace_sdk: bool,
     sdk_skipped: foldhash::HashSet<u32>,
 }
@@ -297,6 +301,9 @@ impl Pipeline {
             self.registry.resource_or(o.conn.tgid, o.comm());
             self.check_sdk(o.conn.tgid);
         }
+        if let Event::ProcessExit { tgid, .. } = ev {
+            self.conns.conns_of(tgid, &mut self.dead_conns);
+        }
         self.conns.on_event(&ev, &self.stats, &mut self.exchanges);
         self.conns.take_starts(&mut self.starts);
         for st in self.starts.drain(..) {
@@ -308,6 +315,8 @@ impl Pipeline {
             // pid is read afresh.
             self.registry.forget(tgid);
             self.assembler.forget_process(tgid);
+            self.probes.forget_conns(&self.dead_conns);
+            self.dead_conns.clear();
             if self.sdk_skipped.remove(&tgid) && !self.selector.is_filtering() {
                 self.probes.forget_pid(tgid);
             }

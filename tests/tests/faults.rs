@@ -586,6 +586,23 @@ async fn fd_reuse_gives_every_request_exactly_one_span() {
     assert_eq!(stat_of(&log, "spans"), N as u64, "{log}");
 }
 
+/// The python interpreter itself (not a wrapper such as a pyenv shim), for `--exe`.
+fn real_python() -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out_ok(out)).unwrap().trim().to_string()
+}
+
+fn out_ok(out: std::process::Output) -> Vec<u8> {
+    assert!(out.status.success(), "{out:?}");
+    out.stdout
+}
+
 /// Starts the test app as `service` on `port` with exactly the pid `pid` (the kernel hands out
 /// `ns_last_pid + 1` when it is free); `None` if other forks kept taking it.
 fn python_app_with_pid(service: &str, port: u16, pid: u32) -> Option<Proc> {
@@ -612,14 +629,7 @@ async fn reused_pid_is_a_new_process_with_its_own_identity() {
     }
     // Selected by executable: the second process is selected as it starts (exec), while the
     // first one's exit may still be on its way through the pipeline.
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import os, sys; print(os.path.realpath(sys.executable))",
-        ])
-        .output()
-        .unwrap();
-    let python = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let python = real_python();
     let mut first = python_app_on("pyfirst", port1);
     let pid = first.pid();
     let sonde = start(
@@ -685,6 +695,103 @@ async fn reused_pid_is_a_new_process_with_its_own_identity() {
     assert_eq!(attr(died[0], "error.type"), "connection_closed");
     assert_eq!(first_spans.len(), 2, "{first_spans:?}");
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The connection of a process that exited without closing it (the kernel closes its fds
+/// without a `close()`) is not a connection of the next process with that pid: a file that
+/// process reads through the same fd number is not reported as traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_process_connections_do_not_outlive_it_under_pid_reuse() {
+    require_root();
+    let rx = Receiver::start().await;
+    let python = real_python();
+    let (server, port) = python_app("pyreuseserver");
+    let sonde = start(
+        &["--exe", &python, "--output", "otlp"],
+        &otlp_env(&rx, 100, &[]),
+    );
+    // A client that gets its answer and exits with the socket still open.
+    let client = Command::new(&python)
+        .args([
+            "-c",
+            "import os, socket, sys, time\n\
+             s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
+             s.sendall(b'GET /ok?from=dead HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n')\n\
+             s.recv(65536)\n\
+             print(os.getpid(), s.fileno(), flush=True)\n\
+             time.sleep(1)\n\
+             os._exit(0)",
+            &port.to_string(),
+        ])
+        .env("OTEL_SERVICE_NAME", "pyreuseclient")
+        .output()
+        .unwrap();
+    let out = String::from_utf8(out_ok(client)).unwrap();
+    let (pid, fd): (u32, u32) = {
+        let mut it = out.split_whitespace().map(|v| v.parse().unwrap());
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let dir = std::env::temp_dir().join(format!("sonde-reuse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (written, response) = (dir.join("written.txt"), dir.join("response.txt"));
+    std::fs::write(&response, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").unwrap();
+    // The next process with that pid, a second later (pids come back after the allocator
+    // wraps around, not while sonde is still reading the exit), writes a request to a file
+    // and reads a response from another through the same fd number (dup2 closes without a
+    // close()): what a client connection would look like. Python's own start-up reads its
+    // modules through that fd number too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let script = "import os, sys, time\n\
+                  time.sleep(1.5)\n\
+                  fd = int(sys.argv[3])\n\
+                  w = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\n\
+                  os.dup2(w, fd)\n\
+                  os.write(fd, b'GET /from-a-file HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n')\n\
+                  r = os.open(sys.argv[2], os.O_RDONLY)\n\
+                  os.dup2(r, fd)\n\
+                  os.read(fd, 4096)\n\
+                  time.sleep(0.5)";
+    let mut reader = None;
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let c = Command::new(&python)
+            .args(["-c", script])
+            .args([&written, &response])
+            .arg(fd.to_string())
+            .env("OTEL_SERVICE_NAME", "pyreusereader")
+            .spawn()
+            .unwrap();
+        let p = Proc::spawn_from(c, "reader");
+        if p.pid() == pid {
+            reader = Some(p);
+            break;
+        }
+    }
+    let mut reader = reader.unwrap_or_else(|| panic!("pid {pid} was not handed out again"));
+    assert!(reader.child.wait().unwrap().success());
+    let is_client = |s: &ReceivedSpan| s.service() == Some("pyreuseclient");
+    let client_spans: Vec<ReceivedSpan> = rx
+        .wait_for(|s| s.iter().any(is_client), Duration::from_secs(20))
+        .await
+        .into_iter()
+        .filter(is_client)
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a stray span would show up by now
+    let log = sonde.stop();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(client_spans.len(), 1, "{client_spans:?}\n{log}");
+    assert_eq!(attr(&client_spans[0], "url.full"), "http://t/ok?from=dead");
+    let strays: Vec<ReceivedSpan> = rx
+        .spans()
+        .into_iter()
+        .filter(|s| {
+            s.service() == Some("pyreusereader") || s.attr("url.path") == Some("/from-a-file")
+        })
+        .collect();
+    assert!(strays.is_empty(), "pid {pid} fd {fd}: {strays:?}\n{log}");
+    // The server's and the client's connection, nothing else.
+    assert_eq!(stat_of(&log, "conns_opened"), 2, "{log}");
 }
 
 // ---- 6. 10k concurrent connections -----------------------------------------------------------

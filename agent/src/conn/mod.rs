@@ -314,6 +314,16 @@ impl ConnTable {
         out.append(&mut self.starts);
     }
 
+    /// Appends the ids of process `tgid`'s connections to `out`.
+    pub fn conns_of(&self, tgid: u32, out: &mut Vec<ConnId>) {
+        let mut s = self.tgids.get(&tgid).copied().unwrap_or(NIL);
+        while s != NIL {
+            let slot = &self.slots[s as usize];
+            out.push(slot.conn.sh.id);
+            s = slot.tnext;
+        }
+    }
+
     /// Connections tracked.
     pub fn len(&self) -> usize {
         self.map.len()

@@ -1485,6 +1485,13 @@ fn process_exit_ends_all_its_connections() {
         };
         pending_get(&mut t, &stats, &mut outv, conn, 10);
     }
+    // What the pipeline hands the kernel side to forget.
+    let mut ids = Vec::new();
+    t.conns_of(1, &mut ids);
+    let mut fds: Vec<u32> = ids.iter().map(|c| c.fd).collect();
+    fds.sort_unstable();
+    assert_eq!(fds, [3, 4, 9]);
+    assert!(ids.iter().all(|c| c.tgid == 1 && c.generation == 5));
     t.on_event(
         &Event::ProcessExit { tgid: 1, ts_ns: 50 },
         &stats,
@@ -1494,6 +1501,9 @@ fn process_exit_ends_all_its_connections() {
     assert!(outv.iter().all(|x| x.conn.tgid == 1 && x.end_ns == 50));
     assert!(outv.iter().all(|x| x.outcome == Outcome::ConnectionClosed));
     assert_eq!(t.len(), 1);
+    ids.clear();
+    t.conns_of(1, &mut ids);
+    assert!(ids.is_empty());
     t.on_event(
         &Event::ProcessExit { tgid: 1, ts_ns: 60 },
         &stats,

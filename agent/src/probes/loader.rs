@@ -3,11 +3,12 @@
 use std::{ffi::CString, path::Path};
 
 use agent_common::{
-    COUNTER_COUNT, KernelConfig, MAX_CAPTURE, PID_EXCLUDE, PID_TRACE, maps, pid_slot,
+    COUNTER_COUNT, ConnId, ConnState, KernelConfig, MAX_CAPTURE, PID_EXCLUDE, PID_TRACE, maps,
+    pid_slot,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
 
@@ -256,6 +257,7 @@ impl Default for LoadOptions {
 pub struct Probes {
     _ebpf: Ebpf,
     pids: Array<MapData, u64>,
+    conns: HashMap<MapData, u64, ConnState>,
     counters: PerCpuArray<MapData, u64>,
     /// The propagation socket map (its sk_msg attachment lives as long as the map).
     _socks: Option<aya::maps::SockHash<MapData, u64>>,
@@ -455,6 +457,11 @@ impl Probes {
                 .ok_or(ProbeError::Map(maps::PIDS, "missing".into()))?,
         )
         .map_err(|e| ProbeError::Map(maps::PIDS, e.to_string()))?;
+        let conns = HashMap::try_from(
+            ebpf.take_map(maps::CONNS)
+                .ok_or(ProbeError::Map(maps::CONNS, "missing".into()))?,
+        )
+        .map_err(|e| ProbeError::Map(maps::CONNS, e.to_string()))?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(maps::COUNTERS)
                 .ok_or(ProbeError::Map(maps::COUNTERS, "missing".into()))?,
@@ -464,6 +471,7 @@ impl Probes {
             Probes {
                 _ebpf: ebpf,
                 pids,
+                conns,
                 counters,
                 _socks: socks,
                 skipped,
@@ -500,6 +508,23 @@ impl Probes {
     /// Forget `pid` (it exited).
     pub fn forget_pid(&mut self, pid: u32) {
         let _ = self.mark_pid(pid, 0);
+    }
+
+    /// Forgets the kernel's state of connections whose process exited. The kernel closed
+    /// their fds without a `close()`, so their entries would otherwise stay, and a later
+    /// process given the same pid would have its files on those fd numbers reported as
+    /// traffic. An entry already taken over by such a process (a newer generation) stays.
+    pub fn forget_conns(&mut self, conns: &[ConnId]) {
+        for c in conns {
+            let key = (c.tgid as u64) << 32 | c.fd as u64;
+            if self
+                .conns
+                .get(&key, 0)
+                .is_ok_and(|st| st.generation == c.generation)
+            {
+                let _ = self.conns.remove(&key);
+            }
+        }
     }
 
     /// Sets the two bits of `pid` in PIDS. Only this thread writes the map (the programs only
