@@ -264,8 +264,13 @@ pub struct KernelConfig {
     /// counts, which tell an egress exit whether this CPU's entry stamp is its own.
     pub task_nvcsw: u32,
     pub task_nivcsw: u32,
+    /// Offset of `group_dead` in the sched/sched_process_exit record (Linux 6.16 and later):
+    /// the process ends with its last thread. 0: not reported, the thread-group leader's
+    /// exit is taken as the process's.
+    pub exit_group_dead: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 112);
+const _: () = assert!(size_of::<KernelConfig>() == 120);
 
 /// Kernel-side counters (per-CPU array indices). Never reuse a number.
 #[repr(u32)]

@@ -15,15 +15,23 @@ use aya_ebpf::{
 use super::{ARGS, CONFIG, EVENTS, cfg_u32, count, emit_header, ids, traced, wakeup_flags};
 
 #[tracepoint]
-pub fn process_exit(_ctx: TracePointContext) -> u32 {
+pub fn process_exit(ctx: TracePointContext) -> u32 {
     let (id, tgid, tid) = ids();
     if !traced(tgid) {
         return 0;
     }
     // A thread killed inside a syscall never reaches its exit hook.
     let _ = ARGS.remove(&id);
-    // Only the thread-group leader's exit ends the process.
-    if tgid != tid {
+    // The process ends with its last thread, which the kernel reports where it can. The
+    // leader may leave first (pthread_exit) while other threads go on serving.
+    let group_dead_at = cfg_u32(addr_of!(CONFIG.exit_group_dead));
+    let ends = if group_dead_at != 0 {
+        // SAFETY: offset from the tracepoint's format file; the read is checked.
+        matches!(unsafe { ctx.read_at::<u8>(group_dead_at as usize) }, Ok(v) if v != 0)
+    } else {
+        tgid == tid
+    };
+    if !ends {
         return 0;
     }
     emit_header(

@@ -67,6 +67,8 @@ pub(crate) static CONFIG: KernelConfig = KernelConfig {
     newtask_flags: 0,
     task_nvcsw: 0,
     task_nivcsw: 0,
+    exit_group_dead: 0,
+    _pad: 0,
 };
 
 // Sizes are defaults; the loader may resize EVENTS and CONNS.

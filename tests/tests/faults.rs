@@ -529,6 +529,76 @@ async fn process_dying_mid_request_yields_an_error_span() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// A process whose main thread exits (pthread_exit) while another thread serves is still
+/// running: its connections, requests and selection go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn main_thread_exiting_does_not_end_the_process() {
+    require_root();
+    let rx = Receiver::start().await;
+    let port = free_port();
+    let mut app = Proc::spawn(
+        "pyleader",
+        Command::new("python3")
+            .arg(fixture("app.py"))
+            .arg(port.to_string())
+            .env("OTEL_SERVICE_NAME", "pyleader")
+            .env("APP_MAIN_THREAD_EXITS", "1")
+            .stdin(std::process::Stdio::piped()),
+    );
+    wait_port(port);
+    let pid = app.pid();
+    let sonde = start(
+        &["--pid", &pid.to_string(), "--output", "otlp"],
+        &otlp_env(&rx, 100, &[]),
+    );
+    let mut c = Raw::connect(port);
+    assert_eq!(get_keepalive(&mut c, "/ok?n=1"), (200, b"hello\n".to_vec()));
+    wait_server(&rx, "pyleader", Duration::from_secs(20), |s| !s.is_empty()).await;
+
+    app.child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"exit\n")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let zombie_leader = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    while !zombie_leader() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(zombie_leader(), "the main thread of {pid} did not exit");
+    tokio::time::sleep(Duration::from_millis(500)).await; // sonde has seen the thread exit
+
+    // The open connection and a new one both go on being traced.
+    assert_eq!(get_keepalive(&mut c, "/ok?n=2"), (200, b"hello\n".to_vec()));
+    assert_eq!(curl(&[&format!("http://127.0.0.1:{port}/ok?n=3")]).0, 200);
+    let spans = wait_server(
+        &rx,
+        "pyleader",
+        Duration::from_secs(20),
+        settled(3, |s| s.len()),
+    )
+    .await;
+    let log = sonde.stop();
+    let mut got: Vec<&str> = spans.iter().map(|s| attr(s, "url.query")).collect();
+    got.sort_unstable();
+    assert_eq!(got, ["n=1", "n=2", "n=3"], "{log}");
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.status_code == 0 && attr(s, "http.response.status_code") == "200")
+    );
+    assert_eq!(stat_of(&log, "conns_opened"), 2, "{log}");
+}
+
 // ---- 5. fd reuse -----------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,34 +276,49 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), String> {
     prog.load().map_err(|e| e.to_string())
 }
 
+/// The format file of tracepoint `group/event`.
+fn tracepoint_format(group: &str, event: &str) -> Option<String> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|d| std::fs::read_to_string(format!("{d}/events/{group}/{event}/format")).ok())
+}
+
+/// The offset of the field declared `decl` (e.g. `pid_t pid`) in a tracepoint format file.
+fn field_offset(format: &str, decl: &str) -> Option<u32> {
+    format.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("field:")?;
+        let (field, rest) = rest.split_once(';')?;
+        if field.trim() != decl {
+            return None;
+        }
+        rest.trim()
+            .strip_prefix("offset:")?
+            .split(';')
+            .next()?
+            .parse::<u32>()
+            .ok()
+    })
+}
+
 /// Offsets of `pid` and `clone_flags` in task/task_newtask records, from the event's format
 /// file (a stable layout since Linux 3.x, read rather than assumed).
 fn newtask_offsets() -> Option<(u32, u32)> {
-    let text = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .find_map(|d| {
-            std::fs::read_to_string(format!("{d}/events/task/task_newtask/format")).ok()
-        })?;
-    parse_newtask_format(&text)
+    parse_newtask_format(&tracepoint_format("task", "task_newtask")?)
 }
 
 fn parse_newtask_format(text: &str) -> Option<(u32, u32)> {
-    let offset = |decl: &str| {
-        text.lines().find_map(|l| {
-            let rest = l.trim().strip_prefix("field:")?;
-            let (field, rest) = rest.split_once(';')?;
-            if field.trim() != decl {
-                return None;
-            }
-            rest.trim()
-                .strip_prefix("offset:")?
-                .split(';')
-                .next()?
-                .parse::<u32>()
-                .ok()
-        })
-    };
-    Some((offset("pid_t pid")?, offset("u64 clone_flags")?))
+    Some((
+        field_offset(text, "pid_t pid")?,
+        field_offset(text, "u64 clone_flags")?,
+    ))
+}
+
+/// Offset of `group_dead` in sched/sched_process_exit records (Linux 6.16 and later): whether
+/// the exiting thread is the process's last. 0 when the kernel does not report it.
+fn exit_group_dead_offset() -> u32 {
+    tracepoint_format("sched", "sched_process_exit")
+        .and_then(|f| field_offset(&f, "bool group_dead"))
+        .unwrap_or(0)
 }
 
 /// `word` with the two bits at `shift` set to `value`.
@@ -371,6 +386,8 @@ impl Probes {
             newtask_flags: newtask.map_or(0, |o| o.1),
             task_nvcsw: regs.map_or(0, |r| r.task_switches[0]),
             task_nivcsw: regs.map_or(0, |r| r.task_switches[1]),
+            exit_group_dead: exit_group_dead_offset(),
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
@@ -592,5 +609,12 @@ mod tests {
             parse_newtask_format("format:\n\tfield:pid_t pid;\toffset:8;"),
             None
         );
+        let exit = "name: sched_process_exit\nformat:\n\
+            \tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\
+            \tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\
+            \tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;\n\
+            \tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n";
+        assert_eq!(field_offset(exit, "bool group_dead"), Some(32));
+        assert_eq!(field_offset(exit, "bool group"), None);
     }
 }
