@@ -597,6 +597,21 @@ async fn main_thread_exiting_does_not_end_the_process() {
             .all(|s| s.status_code == 0 && attr(s, "http.response.status_code") == "200")
     );
     assert_eq!(stat_of(&log, "conns_opened"), 2, "{log}");
+
+    // A sonde started now finds the process by executable, and reads its Resource, through
+    // a live thread: the leader's exe and environ are gone.
+    let rx2 = Receiver::start().await;
+    let sonde = start(
+        &["--exe", &real_python(), "--output", "otlp"],
+        &otlp_env(&rx2, 100, &[]),
+    );
+    assert!(sonde.log().contains("(1 selected now)"), "{}", sonde.log());
+    assert_eq!(curl(&[&format!("http://127.0.0.1:{port}/ok?n=4")]).0, 200);
+    let spans = wait_server(&rx2, "pyleader", Duration::from_secs(20), |s| !s.is_empty()).await;
+    let log = sonde.stop();
+    assert_eq!(spans.len(), 1, "{log}");
+    assert_eq!(attr(&spans[0], "url.query"), "n=4");
+    assert_eq!(spans[0].res("process.pid"), Some(pid.to_string().as_str()));
 }
 
 // ---- 5. fd reuse -----------------------------------------------------------------------------

@@ -113,9 +113,34 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// `/proc/PID` of a process, or, when its main thread has exited while other threads run on
+/// (a zombie leader, whose `exe`, `environ`, `cmdline` and `fd` read as gone or empty), the
+/// directory of a live thread, `/proc/PID/task/TID`, which shows the same process.
+pub fn process_dir(proc_root: &Path, pid: u32) -> PathBuf {
+    live_dir(proc_root.join(pid.to_string()))
+}
+
+/// [`process_dir`] of the process at `dir` (`/proc/PID`).
+pub(crate) fn live_dir(dir: PathBuf) -> PathBuf {
+    if fs::read_link(dir.join("exe")).is_ok() {
+        return dir;
+    }
+    let leader = dir.file_name().map(|n| n.to_os_string());
+    fs::read_dir(dir.join("task"))
+        .ok()
+        .and_then(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| Some(t.file_name()) != leader)
+                .map(|t| t.path())
+                .find(|t| fs::read_link(t.join("exe")).is_ok())
+        })
+        .unwrap_or(dir)
+}
+
 /// Environment of `pid` as (key, value) pairs; empty when unreadable.
 pub fn environ(proc_root: &Path, pid: u32) -> Vec<(String, String)> {
-    fs::read(proc_root.join(pid.to_string()).join("environ"))
+    fs::read(process_dir(proc_root, pid).join("environ"))
         .map(|b| {
             b.split(|&c| c == 0)
                 .filter_map(|kv| {
@@ -179,7 +204,7 @@ pub fn start_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
 /// auto-instrumentation. An SDK set up in code alone leaves no such trace: use `--pid`/`--exe`
 /// selection for those.
 pub fn sdk_marker(proc_root: &Path, pid: u32) -> Option<String> {
-    let dir = proc_root.join(pid.to_string());
+    let dir = process_dir(proc_root, pid);
     let args = fs::read(dir.join("cmdline")).ok().unwrap_or_default();
     for a in args.split(|&c| c == 0) {
         let a = String::from_utf8_lossy(a);
@@ -302,7 +327,7 @@ fn read_resource(
     comm_hint: &str,
     names: &[(globset::GlobMatcher, String)],
 ) -> Resource {
-    let dir = proc_root.join(pid.to_string());
+    let dir = process_dir(proc_root, pid);
     let exe_path = fs::read_link(dir.join("exe")).ok().map(|p| {
         p.to_string_lossy()
             .trim_end_matches(" (deleted)")
@@ -316,7 +341,8 @@ fn read_resource(
                 .collect()
         })
         .unwrap_or_default();
-    let comm = fs::read_to_string(dir.join("comm"))
+    // The process's name, not a thread's (threads may be named apart).
+    let comm = fs::read_to_string(proc_root.join(pid.to_string()).join("comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| comm_hint.to_string());
     let exe_name = exe_path
@@ -448,6 +474,33 @@ mod tests {
 
     fn attr<'a>(r: &'a Resource, k: &str) -> Option<&'a AttrValue> {
         r.attributes.iter().find(|(ek, _)| ek == k).map(|(_, v)| v)
+    }
+
+    #[test]
+    fn a_process_whose_main_thread_exited_is_read_through_a_live_thread() {
+        // The leader's entries read as gone or empty; thread 11 shows the process.
+        let d = fake_proc(10, b"", b"");
+        let leader = d.0.join("10");
+        let thread = leader.join("task/11");
+        fs::create_dir_all(leader.join("task/10")).unwrap();
+        fs::create_dir_all(&thread).unwrap();
+        fs::write(thread.join("environ"), b"OTEL_SERVICE_NAME=orders\0").unwrap();
+        fs::write(thread.join("cmdline"), b"python3\0app.py\0").unwrap();
+        std::os::unix::fs::symlink("/usr/bin/python3.11", thread.join("exe")).unwrap();
+        assert_eq!(process_dir(&d.0, 10), thread);
+        let r = Registry::with_proc_root(&d.0).resource(10);
+        assert_eq!(r.service_name, "orders");
+        assert_eq!(
+            attr(&r, "process.executable.name"),
+            Some(&AttrValue::Str("python3.11".into()))
+        );
+        assert_eq!(
+            attr(&r, "process.command_args"),
+            Some(&AttrValue::StrList(vec!["python3".into(), "app.py".into()]))
+        );
+        // A process with its leader alive is read from its own directory.
+        std::os::unix::fs::symlink("/usr/bin/python3.11", leader.join("exe")).unwrap();
+        assert_eq!(process_dir(&d.0, 10), leader);
     }
 
     #[test]

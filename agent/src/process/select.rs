@@ -88,7 +88,7 @@ impl Selector {
             listening_inodes(proc_root, &self.ports)
         };
         self.pids.contains(&pid)
-            || self.matches_dir(&proc_root.join(pid.to_string()), &listen_inodes)
+            || self.matches_dir(&super::process_dir(proc_root, pid), &listen_inodes)
     }
 
     /// Whether the process at `/proc/PID` runs a `--exe` executable or owns one of the
@@ -134,7 +134,7 @@ impl Selector {
             if pid == self_pid {
                 continue;
             }
-            if self.matches_dir(&entry.path(), &listen_inodes) {
+            if self.matches_dir(&super::live_dir(entry.path()), &listen_inodes) {
                 out.insert(pid);
             }
         }
