@@ -688,19 +688,18 @@ fn out_ok(out: std::process::Output) -> Vec<u8> {
     out.stdout
 }
 
-/// Starts the test app as `service` on `port` with exactly the pid `pid` (the kernel hands out
-/// `ns_last_pid + 1` when it is free); `None` if other forks kept taking it.
-fn python_app_with_pid(service: &str, port: u16, pid: u32) -> Option<Proc> {
+/// Runs `spawn` until the process it starts has exactly the pid `pid` (the kernel hands out
+/// `ns_last_pid + 1` when it is free); the misses are stopped as they are dropped.
+fn with_pid(pid: u32, mut spawn: impl FnMut() -> Proc) -> Proc {
     for _ in 0..50 {
         std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
             .expect("write /proc/sys/kernel/ns_last_pid");
-        let p = python_app_on(service, port);
+        let p = spawn();
         if p.pid() == pid {
-            return Some(p);
+            return p;
         }
-        drop(p);
     }
-    None
+    panic!("pid {pid} was not handed out again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -730,9 +729,7 @@ async fn reused_pid_is_a_new_process_with_its_own_identity() {
     first.child.kill().unwrap();
     first.child.wait().unwrap();
 
-    let Some(second) = python_app_with_pid("pysecond", port2, pid) else {
-        panic!("pid {pid} was not handed out again");
-    };
+    let second = with_pid(pid, || python_app_on("pysecond", port2));
     // The new process's connections get the first one's fd numbers again.
     let mut c2 = Raw::connect(port2);
     for q in ["b=1", "b=2"] {
@@ -836,23 +833,16 @@ async fn dead_process_connections_do_not_outlive_it_under_pid_reuse() {
                   os.dup2(r, fd)\n\
                   os.read(fd, 4096)\n\
                   time.sleep(0.5)";
-    let mut reader = None;
-    for _ in 0..50 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
-        let c = Command::new(&python)
-            .args(["-c", script])
-            .args([&written, &response])
-            .arg(fd.to_string())
-            .env("OTEL_SERVICE_NAME", "pyreusereader")
-            .spawn()
-            .unwrap();
-        let p = Proc::spawn_from(c, "reader");
-        if p.pid() == pid {
-            reader = Some(p);
-            break;
-        }
-    }
-    let mut reader = reader.unwrap_or_else(|| panic!("pid {pid} was not handed out again"));
+    let mut reader = with_pid(pid, || {
+        Proc::spawn(
+            "reader",
+            Command::new(&python)
+                .args(["-c", script])
+                .args([&written, &response])
+                .arg(fd.to_string())
+                .env("OTEL_SERVICE_NAME", "pyreusereader"),
+        )
+    });
     assert!(reader.child.wait().unwrap().success());
     let is_client = |s: &ReceivedSpan| s.service() == Some("pyreuseclient");
     let client_spans: Vec<ReceivedSpan> = rx

@@ -73,14 +73,6 @@ impl Proc {
         }
     }
 
-    /// Takes over a child started elsewhere.
-    pub fn spawn_from(child: Child, name: &str) -> Proc {
-        Proc {
-            child,
-            name: name.into(),
-        }
-    }
-
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
