@@ -4,7 +4,7 @@ use std::{fs, path::Path};
 
 use super::{
     btf,
-    loader::{LoadOptions, Probes, ensure_tracefs},
+    loader::{LoadOptions, Probes, ensure_tracefs, exit_group_dead_offset},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,7 +110,14 @@ pub fn run(try_load: bool) -> Vec<Finding> {
         ("sched tracepoints", "sched/sched_process_exit"),
     ] {
         let ok = tp_root.is_some_and(|r| r.join(tp).is_dir());
-        out.push(if ok {
+        out.push(if ok && what == "sched tracepoints" {
+            let ends = if exit_group_dead_offset() != 0 {
+                "reports group_dead: a process ends with its last thread"
+            } else {
+                "no group_dead (Linux < 6.16): a process is taken to end with its main thread"
+            };
+            finding(what, Verdict::Pass, format!("{tp} present, {ends}"))
+        } else if ok {
             finding(what, Verdict::Pass, format!("{tp} present"))
         } else if what == "syscall tracepoints" {
             finding(

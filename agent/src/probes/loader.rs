@@ -315,7 +315,7 @@ fn parse_newtask_format(text: &str) -> Option<(u32, u32)> {
 
 /// Offset of `group_dead` in sched/sched_process_exit records (Linux 6.16 and later): whether
 /// the exiting thread is the process's last. 0 when the kernel does not report it.
-fn exit_group_dead_offset() -> u32 {
+pub(crate) fn exit_group_dead_offset() -> u32 {
     tracepoint_format("sched", "sched_process_exit")
         .and_then(|f| field_offset(&f, "bool group_dead"))
         .unwrap_or(0)
