@@ -419,6 +419,9 @@ impl Pipeline {
             }
             if self.selected.insert(pid) {
                 start_tracing(&mut self.probes, pid, " (started)");
+                // Read its Resource while it surely runs: a short-lived process may be gone
+                // by the time its first connection is handled.
+                self.registry.resource(pid);
                 let children = select::children(proc_root, pid);
                 let take = children.len().min(budget);
                 budget -= take;

@@ -260,6 +260,54 @@ async fn server_started_after_sonde_is_traced_from_its_first_request() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A client that is gone before sonde handles its connection (a CLI run, a cron job) keeps its
+/// own service.name: a process selected as it starts has its Resource read then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_client_keeps_its_service_name() {
+    require_root();
+    let rx = Receiver::start().await;
+    let (_server, port) = python_app("pyshortserver");
+    let dir = std::env::temp_dir().join(format!("sonde-short-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("curl-short");
+    let curl_path = std::process::Command::new("sh")
+        .args(["-c", "command -v curl"])
+        .output()
+        .unwrap()
+        .stdout;
+    std::fs::copy(String::from_utf8(curl_path).unwrap().trim(), &exe).unwrap();
+    let sonde = Sonde::start(
+        &["--exe", exe.to_str().unwrap(), "--output", "otlp"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.grpc_endpoint()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    let out = std::process::Command::new(&exe)
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{port}/ok?short=1"))
+        .env("OTEL_SERVICE_NAME", "shortclient")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let spans = rx
+        .wait_for(
+            |s| s.iter().any(|s| s.kind == CLIENT),
+            Duration::from_secs(20),
+        )
+        .await;
+    let log = sonde.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    let client: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.kind == CLIENT).collect();
+    assert_eq!(client.len(), 1, "{spans:?}\n{log}");
+    assert_eq!(client[0].service(), Some("shortclient"), "{log}");
+    assert_eq!(
+        attr(client[0], "url.full"),
+        format!("http://127.0.0.1:{port}/ok?short=1")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_writev_sendfile_and_connection_opened_before_sonde() {
     require_root();
