@@ -66,14 +66,16 @@ impl Registry {
         if let Some(r) = self.cache.get(&pid) {
             return r.clone();
         }
+        let dir = process_dir(&self.proc_root, pid);
         let r = Arc::new(read_resource(
             &self.proc_root,
             pid,
+            &dir,
             &self.host_name,
             comm,
             &self.names,
         ));
-        if let Some(marker) = sdk_marker(&self.proc_root, pid) {
+        if let Some(marker) = sdk_marker(&dir) {
             self.sdk.insert(pid, marker);
         }
         self.cache.insert(pid, r.clone());
@@ -138,9 +140,10 @@ pub(crate) fn live_dir(dir: PathBuf) -> PathBuf {
         .unwrap_or(dir)
 }
 
-/// Environment of `pid` as (key, value) pairs; empty when unreadable.
-pub fn environ(proc_root: &Path, pid: u32) -> Vec<(String, String)> {
-    fs::read(process_dir(proc_root, pid).join("environ"))
+/// Environment of the process at `dir` (its [`process_dir`]) as (key, value) pairs; empty
+/// when unreadable.
+pub fn environ(dir: &Path) -> Vec<(String, String)> {
+    fs::read(dir.join("environ"))
         .map(|b| {
             b.split(|&c| c == 0)
                 .filter_map(|kv| {
@@ -202,9 +205,8 @@ pub fn start_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
 /// @opentelemetry/...` or NODE_OPTIONS (Node), `-javaagent:...opentelemetry...` (Java), the
 /// .NET auto-instrumentation profiler, or PYTHONPATH pointing into opentelemetry's
 /// auto-instrumentation. An SDK set up in code alone leaves no such trace: use `--pid`/`--exe`
-/// selection for those.
-pub fn sdk_marker(proc_root: &Path, pid: u32) -> Option<String> {
-    let dir = process_dir(proc_root, pid);
+/// selection for those. `dir` is the process's [`process_dir`].
+pub fn sdk_marker(dir: &Path) -> Option<String> {
     let args = fs::read(dir.join("cmdline")).ok().unwrap_or_default();
     for a in args.split(|&c| c == 0) {
         let a = String::from_utf8_lossy(a);
@@ -212,7 +214,7 @@ pub fn sdk_marker(proc_root: &Path, pid: u32) -> Option<String> {
             return Some(format!("command line: {a}"));
         }
     }
-    for (k, v) in environ(proc_root, pid) {
+    for (k, v) in environ(dir) {
         let hit = match k.as_str() {
             "NODE_OPTIONS" | "JAVA_TOOL_OPTIONS" | "PYTHONPATH" | "_JAVA_OPTIONS" => {
                 v.contains("opentelemetry")
@@ -320,14 +322,15 @@ fn runtime_language(exe_name: &str) -> &'static str {
     }
 }
 
+/// The Resource of process `pid`, whose entries are read from `dir` (its [`process_dir`]).
 fn read_resource(
     proc_root: &Path,
     pid: u32,
+    dir: &Path,
     host: &str,
     comm_hint: &str,
     names: &[(globset::GlobMatcher, String)],
 ) -> Resource {
-    let dir = process_dir(proc_root, pid);
     let exe_path = fs::read_link(dir.join("exe")).ok().map(|p| {
         p.to_string_lossy()
             .trim_end_matches(" (deleted)")
@@ -352,7 +355,7 @@ fn read_resource(
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| comm.clone());
 
-    let env = environ(proc_root, pid);
+    let env = environ(dir);
     let get = |k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.clone());
     let res_attrs = get("OTEL_RESOURCE_ATTRIBUTES")
         .map(|s| parse_resource_attributes(&s))
@@ -619,12 +622,12 @@ mod tests {
             b"node\0app.js\0",
         );
         assert_eq!(
-            sdk_marker(&d.0, 21).as_deref(),
+            sdk_marker(&process_dir(&d.0, 21)).as_deref(),
             Some("environment: NODE_OPTIONS")
         );
         let d = fake_proc(22, b"OTEL_SERVICE_NAME=plain\0", b"python3\0app.py\0");
         assert_eq!(
-            sdk_marker(&d.0, 22),
+            sdk_marker(&process_dir(&d.0, 22)),
             None,
             "OTEL_SERVICE_NAME alone is no SDK"
         );
