@@ -414,31 +414,30 @@ pub struct Reorder {
 }
 
 /// A record's timestamp, without decoding it (0 for a record too short to have one).
-pub fn record_ts(record: &[u8]) -> u64 {
+fn record_ts(record: &[u8]) -> u64 {
     record
         .get(8..16)
         .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
         .unwrap_or(0)
 }
 
-/// The pid an exec or fork record starts (the child, for a fork), without decoding it.
+/// The pid an exec or fork record starts (the child, for a fork).
 pub fn started_pid(record: &[u8]) -> Option<u32> {
-    let at = match *record.first()? {
-        EV_PROC_EXEC => 16, // conn.tgid
-        EV_PROC_FORK => 20, // conn.fd carries the child
-        _ => return None,
-    };
-    Some(u32::from_le_bytes(record.get(at..at + 4)?.try_into().ok()?))
+    match decode(record) {
+        Ok(Event::ProcessExec { tgid }) => Some(tgid),
+        Ok(Event::ProcessFork { child, .. }) => Some(child),
+        _ => None,
+    }
 }
 
 impl Reorder {
     pub fn push(&mut self, record: &[u8]) {
         let ts = record_ts(record);
+        // Only exit records are decoded here (one byte compared for every other record).
         if record.first() == Some(&EV_PROC_EXIT)
-            && let Some(b) = record.get(16..20)
+            && let Ok(Event::ProcessExit { tgid, ts_ns }) = decode(record)
         {
-            self.exits
-                .push((u32::from_le_bytes(b.try_into().expect("4 bytes")), ts));
+            self.exits.push((tgid, ts_ns));
         }
         self.items
             .push((ts, self.arena.len() as u32, record.len() as u32));
