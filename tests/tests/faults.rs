@@ -679,12 +679,8 @@ fn real_python() -> String {
         ])
         .output()
         .unwrap();
-    String::from_utf8(out_ok(out)).unwrap().trim().to_string()
-}
-
-fn out_ok(out: std::process::Output) -> Vec<u8> {
     assert!(out.status.success(), "{out:?}");
-    out.stdout
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// Runs `spawn` until the process it starts has exactly the pid `pid` (the kernel hands out
