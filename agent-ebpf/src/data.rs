@@ -379,7 +379,13 @@ fn emit_data(ctx: &TracePointContext, id: u64, tgid: u32, tid: u32, dir: u8, arg
 /// Copies `len` user bytes from `src` to `s.data[off..]`; returns bytes copied.
 #[inline(always)]
 fn copy_user(s: &mut Scratch, off: u64, src: u64, len: u64) -> u64 {
+    // The configured bound is loaded (volatile), so this clamp stays in the program even where
+    // LLVM can prove `len` small: the verifier tracks ranges less well and must see it.
     let mut len = len;
+    let max = cfg_u32(addr_of!(CONFIG.capture_bytes)) as u64;
+    if len > max {
+        len = max;
+    }
     if len > MAX_CAPTURE as u64 {
         len = MAX_CAPTURE as u64;
     }
@@ -402,18 +408,32 @@ fn copy_user(s: &mut Scratch, off: u64, src: u64, len: u64) -> u64 {
     len
 }
 
-/// Copies up to `want` bytes gathered from an iovec array.
+/// Copies up to `want` bytes gathered from an iovec array (its first `MAX_IOV` segments, read
+/// in one helper call).
 #[inline(always)]
 fn copy_iov(s: &mut Scratch, iov: u64, cnt: u64, want: u64) -> u64 {
+    // struct iovec { void *iov_base; size_t iov_len; }
+    let mut segs = [[0u64; 2]; MAX_IOV as usize];
+    let mut cnt = cnt;
+    if cnt > MAX_IOV {
+        cnt = MAX_IOV;
+    }
+    if cnt == 0 {
+        return 0;
+    }
+    // SAFETY: at most MAX_IOV segments, the size of `segs`; the helper validates the source.
+    let r = unsafe {
+        bpf_probe_read_user(segs.as_mut_ptr().cast(), (cnt * 16) as u32, iov as *const _)
+    };
+    if r != 0 {
+        count(Counter::ReadUserFailed);
+        return 0;
+    }
     let mut off: u64 = 0;
-    for i in 0..MAX_IOV {
-        if i >= cnt || off >= want || off > IOV_OFFSET_LIMIT {
+    for (i, seg) in segs.iter().enumerate() {
+        if i as u64 >= cnt || off >= want || off > IOV_OFFSET_LIMIT {
             break;
         }
-        // struct iovec { void *iov_base; size_t iov_len; }
-        let Some(seg) = read_user::<[u64; 2]>(iov + 16 * i) else {
-            break;
-        };
         let mut n = seg[1];
         if n > want - off {
             n = want - off;

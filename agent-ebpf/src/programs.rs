@@ -16,6 +16,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use agent_common::*;
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_get_current_comm,
     helpers::generated::{
@@ -160,13 +161,25 @@ pub(crate) fn traced(tgid: u32) -> bool {
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
     // SAFETY: syscall tracepoint records hold six 8-byte argument slots from offset 16.
-    unsafe { ctx.read_at::<u64>(16 + 8 * n) }.unwrap_or(0)
+    unsafe { record_u64(ctx, 16 + 8 * n) }
 }
 
 #[inline(always)]
 fn ret(ctx: &TracePointContext) -> i64 {
     // SAFETY: sys_exit records hold the return value at offset 16.
-    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+    unsafe { record_u64(ctx, 16) as i64 }
+}
+
+/// The 8-byte field at `off` of the tracepoint record, loaded straight from the context: the
+/// verifier allows aligned loads inside the record, where `read_at` costs a
+/// `bpf_probe_read_kernel` call (two per data syscall on the exit path).
+///
+/// # Safety
+/// `off` must be a constant, 8-aligned offset of a field inside the record.
+#[inline(always)]
+unsafe fn record_u64(ctx: &TracePointContext, off: usize) -> u64 {
+    // SAFETY: per the contract; the verifier rejects the program otherwise.
+    unsafe { read_volatile(ctx.as_ptr().cast::<u8>().add(off).cast::<u64>()) }
 }
 
 #[inline(always)]
