@@ -38,6 +38,40 @@ use sonde::span::Span;
 use sonde::span::assemble::Assembler;
 use sonde::span::http::SpanOptions;
 
+/// Counts this thread's heap allocations (the replay runs on one thread): a figure that,
+/// unlike CPU time, does not move with the host.
+struct CountingAlloc;
+
+thread_local! {
+    static ALLOCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; the counter is a const-initialised thread-local
+// without a destructor, so touching it never allocates.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAlloc = CountingAlloc;
+
+fn allocs() -> u64 {
+    ALLOCS.with(std::cell::Cell::get)
+}
+
 #[derive(Parser)]
 #[command(about = "sonde userspace benchmarks (pipeline replay, exporter throughput)")]
 struct Cli {
@@ -207,6 +241,8 @@ struct Replay {
     assemble: Duration,
     /// Spans → OTLP protobuf bytes (the exporter's encoder).
     encode: Duration,
+    /// Heap allocations and reallocations during the replay.
+    allocs: u64,
 }
 
 struct Replayer {
@@ -245,6 +281,7 @@ impl Replayer {
 
     fn run(mut self, records: &Records) -> Result<(Replay, Vec<Span>)> {
         let cpu0 = thread_cpu();
+        let allocs0 = allocs();
         let t0 = Instant::now();
         let mut seg = t0;
         for rec in records.iter() {
@@ -263,6 +300,7 @@ impl Replayer {
         self.emit(true);
         self.r.wall = t0.elapsed();
         self.r.cpu = thread_cpu() - cpu0;
+        self.r.allocs = allocs() - allocs0;
         Ok((self.r, self.keep.unwrap_or_default()))
     }
 
@@ -320,13 +358,14 @@ fn pipeline(exchanges: usize, conns: usize, reps: usize) -> Result<()> {
         }
         println!(
             "  rep {rep}: {:.0} spans/s per CPU-second ({:.0}/s wall); µs/span: reassembly {:.3}, \
-             assemble {:.3}, encode {:.3}; {:.0} B/span encoded",
+             assemble {:.3}, encode {:.3}; {:.0} B/span encoded; {:.2} allocations/span",
             r.spans as f64 / r.cpu.as_secs_f64(),
             r.spans as f64 / r.wall.as_secs_f64(),
             us_per(r.reassembly, r.spans),
             us_per(r.assemble, r.spans),
             us_per(r.encode, r.spans),
             r.otlp_bytes as f64 / r.spans as f64,
+            r.allocs as f64 / r.spans as f64,
         );
         runs.push(r);
     }
@@ -336,7 +375,7 @@ fn pipeline(exchanges: usize, conns: usize, reps: usize) -> Result<()> {
     println!(
         "RESULT pipeline exchanges={exchanges} conns={conns} reps={} spans={} cpu_s={:.4} \
          wall_s={:.4} spans_per_cpu_s={:.0} spans_per_wall_s={:.0} reassembly_us={:.4} \
-         assemble_us={:.4} encode_us={:.4} bytes_per_span={:.1}",
+         assemble_us={:.4} encode_us={:.4} bytes_per_span={:.1} allocs_per_span={:.2}",
         runs.len(),
         r.spans,
         r.cpu.as_secs_f64(),
@@ -347,6 +386,7 @@ fn pipeline(exchanges: usize, conns: usize, reps: usize) -> Result<()> {
         us_per(r.assemble, r.spans),
         us_per(r.encode, r.spans),
         r.otlp_bytes as f64 / r.spans as f64,
+        r.allocs as f64 / r.spans as f64,
     );
     Ok(())
 }

@@ -262,6 +262,7 @@ pub(super) fn render(
             "OTLP encoding",
             "total per span",
             "encoded bytes / span",
+            "heap allocations / span",
         ],
         &[vec![
             format!("{spans_per_core:.0}"),
@@ -271,6 +272,7 @@ pub(super) fn render(
             us(num(pipe, "encode_us")),
             us(total_us),
             format!("{:.0} B", num(pipe, "bytes_per_span")),
+            format!("{:.2}", num(pipe, "allocs_per_span")),
         ]],
     );
 
