@@ -2,6 +2,7 @@
 //! <https://opentelemetry.io/docs/specs/semconv/http/http-spans/>
 use std::{
     net::{IpAddr, SocketAddr},
+    ops::Range,
     sync::Arc,
 };
 
@@ -87,8 +88,12 @@ pub fn build(
     let user_agent = req.user_agent.take();
     let forwarded_for = req.forwarded_for.take();
     let (path, query) = split_target(&req.target);
+    let path_at = range_in(&req.target, path);
     let query = query.map(|q| redact_query(q, &opts.redact_params));
     let (host, host_port) = req.host.as_deref().map(split_host).unwrap_or((None, None));
+    let host_at = host
+        .zip(req.host.as_deref())
+        .and_then(|(h, all)| range_in(all, h));
 
     let status_code = ex.response.as_ref().map(|r| r.status);
     if let Some(code) = status_code {
@@ -113,16 +118,13 @@ pub fn build(
         Side::Server => {
             attrs.push(("url.scheme", "http".into()));
             let server_port = host_port.or(ex.local.map(|l| l.port()));
-            // A part as long as the whole string is the whole string: moved, not copied.
-            let host_len = req.host.as_ref().map_or(0, String::len);
-            let host = match host {
-                Some(h) if h.len() == host_len => req.host.take().map(AttrValue::from),
-                h => h.map(AttrValue::text),
+            let host = match host_at {
+                Some(r) => req.host.as_mut().map(|all| take_range(all, r)),
+                None => host.map(AttrValue::text),
             };
-            let path = if path.len() == req.target.len() {
-                std::mem::take(&mut req.target).into()
-            } else {
-                AttrValue::text(path)
+            let path = match path_at {
+                Some(r) => take_range(&mut req.target, r),
+                None => AttrValue::text(path),
             };
             attrs.push(("url.path", path));
             if let Some(q) = query {
@@ -218,6 +220,26 @@ fn split_target(target: &str) -> (&str, Option<&str>) {
     match t.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (t, None),
+    }
+}
+
+/// Where `part` lies in `whole`, if it is a subslice of it (not, say, a constant).
+fn range_in(whole: &str, part: &str) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
+}
+
+/// The text at `r` of `s` as an attribute: when `r` starts `s`, `s` itself, cut down in place
+/// and moved (the path before a query, the host before a port: no allocation per span);
+/// otherwise a copy.
+fn take_range(s: &mut String, r: Range<usize>) -> AttrValue {
+    if r.start == 0 && s.is_char_boundary(r.end) {
+        let mut whole = std::mem::take(s);
+        whole.truncate(r.end);
+        whole.into()
+    } else {
+        AttrValue::text(s.get(r).unwrap_or_default())
     }
 }
 
@@ -457,6 +479,18 @@ mod tests {
         assert_eq!(s(&sp, "url.path").as_deref(), Some("/p"));
         assert_eq!(s(&sp, "server.address").as_deref(), Some("::1"));
         assert_eq!(s(&sp, "server.port").as_deref(), Some("9"));
+
+        // Absolute form without a path: "/", which is no part of the target.
+        let sp = span(&exchange(
+            Side::Server,
+            "GET",
+            "http://h.example",
+            Some(200),
+        ));
+        assert_eq!(s(&sp, "url.path").as_deref(), Some("/"));
+        let target = String::from("/p?q");
+        assert_eq!(super::range_in(&target, "/"), None);
+        assert_eq!(super::range_in(&target, &target[3..]), Some(3..4));
     }
 
     #[test]
