@@ -105,34 +105,40 @@ pub fn run(try_load: bool) -> Vec<Finding> {
     .into_iter()
     .map(Path::new)
     .find(|p| p.is_dir());
-    for (what, tp) in [
-        ("syscall tracepoints", "syscalls/sys_enter_read"),
-        ("sched tracepoints", "sched/sched_process_exit"),
-    ] {
-        let ok = tp_root.is_some_and(|r| r.join(tp).is_dir());
-        out.push(if ok && what == "sched tracepoints" {
-            let ends = if exit_group_dead_offset() != 0 {
-                "reports group_dead: a process ends with its last thread"
-            } else {
-                "no group_dead (Linux < 6.16): a process is taken to end with its main thread"
-            };
-            finding(what, Verdict::Pass, format!("{tp} present, {ends}"))
-        } else if ok {
-            finding(what, Verdict::Pass, format!("{tp} present"))
-        } else if what == "syscall tracepoints" {
-            finding(
-                what,
-                Verdict::Fail,
-                format!("{tp} missing: needs CONFIG_FTRACE_SYSCALLS=y"),
-            )
+    let present = |tp: &str| tp_root.is_some_and(|r| r.join(tp).is_dir());
+    let tp = "syscalls/sys_enter_read";
+    out.push(if present(tp) {
+        finding(
+            "syscall tracepoints",
+            Verdict::Pass,
+            format!("{tp} present"),
+        )
+    } else {
+        finding(
+            "syscall tracepoints",
+            Verdict::Fail,
+            format!("{tp} missing: needs CONFIG_FTRACE_SYSCALLS=y"),
+        )
+    });
+    let tp = "sched/sched_process_exit";
+    out.push(if present(tp) {
+        let ends = if exit_group_dead_offset() != 0 {
+            "reports group_dead: a process ends with its last thread"
         } else {
-            finding(
-                what,
-                Verdict::Warn,
-                format!("{tp} missing: process exits are noticed later"),
-            )
-        });
-    }
+            "no group_dead (Linux < 6.16): a process is taken to end with its main thread"
+        };
+        finding(
+            "sched tracepoints",
+            Verdict::Pass,
+            format!("{tp} present, {ends}"),
+        )
+    } else {
+        finding(
+            "sched tracepoints",
+            Verdict::Warn,
+            format!("{tp} missing: process exits are noticed later"),
+        )
+    });
     let kprobes =
         tp_root.is_some_and(|r| r.parent().is_some_and(|t| t.join("kprobe_events").exists()));
     out.push(finding(
